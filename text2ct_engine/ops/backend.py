@@ -1,0 +1,68 @@
+"""Backend choice for every op: ``auto`` | ``triton`` | ``torch`` | ``cpp``.
+
+Precedence: the innermost ``with backend(name):`` block, else the ``TEXT2CT_BACKEND`` environment variable,
+else ``auto``. ``auto`` means Triton for CUDA tensors and the CPU default (torch or C++, per op) otherwise.
+``triton`` on CPU tensors only works under ``TRITON_INTERPRET=1`` (set before triton is first imported).
+"""
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import functools
+import importlib.util
+import os
+from typing import Iterator
+
+BACKENDS = ("auto", "triton", "torch", "cpp")
+_override: contextvars.ContextVar[str | None] = contextvars.ContextVar("text2ct_backend", default=None)
+
+
+def _check(name: str, source: str) -> str:
+    if name not in BACKENDS:
+        raise ValueError(f"unknown backend {name!r} from {source}: choose one of {', '.join(BACKENDS)}")
+    return name
+
+
+def requested_backend() -> str:
+    """The backend asked for right now (before ``auto`` is resolved for a tensor)."""
+    name = _override.get()
+    if name is not None:
+        return name
+    return _check(os.environ.get("TEXT2CT_BACKEND", "auto").strip().lower() or "auto", "TEXT2CT_BACKEND")
+
+
+@contextlib.contextmanager
+def backend(name: str) -> Iterator[None]:
+    """Force a backend inside a ``with`` block (thread- and task-local)."""
+    token = _override.set(_check(name.strip().lower(), "ops.backend()"))
+    try:
+        yield
+    finally:
+        _override.reset(token)
+
+
+@functools.lru_cache(maxsize=None)
+def triton_available() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def triton_interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def triton_usable(device_type: str) -> tuple[bool, str]:
+    """Can Triton kernels run on tensors of this device type here? (answer, reason)"""
+    if not triton_available():
+        return False, "triton is not installed"
+    if device_type == "cuda":
+        return True, "CUDA tensor and triton installed"
+    if device_type == "cpu" and triton_interpreting():
+        return True, "CPU tensor under TRITON_INTERPRET=1 (interpreter: correct but slow)"
+    if device_type == "meta":
+        return True, "meta/fake tensor: shapes only"
+    return False, f"{device_type} tensors need TRITON_INTERPRET=1 for triton"
+
+
+@functools.lru_cache(maxsize=None)
+def xformers_available() -> bool:
+    return importlib.util.find_spec("xformers") is not None
