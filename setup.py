@@ -32,7 +32,7 @@ setup(
         "pillow>=9.0",
     ],
     extras_require={
-        "test": ["pytest>=7", "monai>=1.5", "transformers>=4.40"],
+        "test": ["pytest>=7", "monai>=1.5", "einops>=0.6", "transformers>=4.40"],
         "gpu": ["xformers>=0.0.28"],
     },
 )

@@ -1,0 +1,2 @@
+from .unet import DiffusionUNet, DiffusionUNetConfig
+from .vae import AutoencoderKL, AutoencoderKLConfig

@@ -1,0 +1,129 @@
+"""Latent-to-volume path: sampling with CFG, decoding, HU mapping, NIfTI writing, model directories."""
+import os
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+from text2ct_engine.pipeline import Text2CTPipeline
+from text2ct_engine.volume_io import save_nifti, save_preview
+
+from tiny_models import CONTEXT_DIM, tiny_pipeline
+
+
+def test_sampling_is_reproducible_and_in_hu_range():
+    pipe = tiny_pipeline()
+    ctx = torch.randn(2, 1, CONTEXT_DIM)
+    a = pipe(context=ctx, seed=7)
+    b = pipe(context=ctx, seed=7)
+    c = pipe(context=ctx, seed=8)
+    assert a.shape == (2, 16, 16, 8)
+    assert torch.equal(a, b)
+    assert not torch.equal(a, c)
+    assert a.min() >= -1000 and a.max() <= 1000 and a.std() > 0
+
+
+def test_batched_cfg_equals_two_separate_calls():
+    pipe = tiny_pipeline()
+    x = torch.randn(2, 4, 4, 4, 2)
+    t = torch.tensor([700.0])
+    ctx = torch.randn(2, 1, CONTEXT_DIM)
+    spacing = torch.tensor([[150.0, 150.0, 300.0]])
+    with torch.no_grad():
+        guided = pipe.guided_velocity(x, t, ctx, 5.0, spacing)
+        extra = dict(class_labels=torch.ones(2, dtype=torch.long), spacing_tensor=spacing.expand(2, 3))
+        cond = pipe.unet(x, t.expand(2), context=ctx, **extra)
+        uncond = pipe.unet(x, t.expand(2), context=torch.zeros_like(ctx), **extra)
+    torch.testing.assert_close(guided, uncond + 5.0 * (cond - uncond), rtol=1e-4, atol=1e-5)
+
+
+def test_sampler_follows_the_scheduler_by_hand():
+    """One step by hand: x1 = x0 + v * dt with the guided velocity, then decode / scale_factor -> HU."""
+    pipe = tiny_pipeline(steps=1, guidance=1.0)
+    ctx = torch.randn(1, 1, CONTEXT_DIM)
+    gen = torch.Generator().manual_seed(3)
+    noise = torch.randn((1, 4, 4, 4, 2), generator=gen)
+    with torch.no_grad():
+        spacing = torch.tensor([[1.5, 1.5, 3.0]]) * 100
+        v = pipe.guided_velocity(noise, torch.tensor([1000.0]), ctx, 1.0, spacing)
+        latent = noise + v * 1.0
+        expected = pipe.vae.decode(latent / 0.8)[:, 0].clamp(0, 1) * 2000 - 1000
+        got = pipe(context=ctx, seed=3)
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-3)
+
+
+def test_bad_arguments_raise_one_line_errors():
+    pipe = tiny_pipeline()
+    ctx = torch.randn(1, 1, CONTEXT_DIM)
+    with pytest.raises(ValueError, match="divisible by the VAE factor 4"):
+        pipe(context=ctx, size=(16, 16, 6))
+    with pytest.raises(ValueError, match="spacing"):
+        pipe(context=ctx, spacing=(1.0, -1.0, 1.0))
+    with pytest.raises(ValueError, match="context must be"):
+        pipe(context=torch.randn(1, 1, CONTEXT_DIM + 1))
+    with pytest.raises(ValueError, match="no text encoder"):
+        pipe("Findings: normal.")
+
+
+def test_model_directory_round_trip(tmp_path):
+    pipe = tiny_pipeline()
+    pipe.save_pretrained(tmp_path / "model")
+    names = sorted(os.listdir(tmp_path / "model"))
+    assert names == ["pipeline.json", "unet", "vae"]
+    assert sorted(os.listdir(tmp_path / "model" / "unet")) == ["config.json", "model.safetensors"]
+    again = Text2CTPipeline.from_pretrained(tmp_path / "model", device="cpu")
+    ctx = torch.randn(1, 1, CONTEXT_DIM)
+    assert torch.equal(pipe(context=ctx, seed=1), again(context=ctx, seed=1))
+    assert again.config == pipe.config
+
+
+def test_model_directory_errors(tmp_path):
+    with pytest.raises(ValueError, match="does not exist"):
+        Text2CTPipeline.from_pretrained(tmp_path / "nope")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="pipeline.json is missing"):
+        Text2CTPipeline.from_pretrained(tmp_path / "empty")
+    pipe = tiny_pipeline()
+    pipe.save_pretrained(tmp_path / "m")
+    os.remove(tmp_path / "m" / "vae" / "model.safetensors")
+    with pytest.raises(ValueError, match="no weights"):
+        Text2CTPipeline.from_pretrained(tmp_path / "m")
+    # weights of another architecture
+    tiny_pipeline().vae.save_pretrained(tmp_path / "m" / "vae")
+    cfg = (tmp_path / "m" / "vae" / "config.json").read_text().replace('"latent_channels": 4',
+                                                                          '"latent_channels": 3')
+    (tmp_path / "m" / "vae" / "config.json").write_text(cfg)
+    with pytest.raises(ValueError, match="does not fit"):
+        Text2CTPipeline.from_pretrained(tmp_path / "m")
+
+
+def test_nifti_written_atomically_with_spacing(tmp_path):
+    vol = torch.linspace(-1000, 1000, 10 * 12 * 6).reshape(10, 12, 6)
+    out = tmp_path / "ct.nii.gz"
+    save_nifti(vol, (0.75, 0.8, 3.0), out)
+    img = nib.load(out)
+    assert img.get_data_dtype() == np.int16
+    np.testing.assert_allclose(img.header.get_zooms(), (0.75, 0.8, 3.0))
+    np.testing.assert_allclose(img.affine, np.diag([0.75, 0.8, 3.0, 1.0]))
+    np.testing.assert_array_equal(np.asarray(img.dataobj), np.rint(vol.numpy()).astype(np.int16))
+    before = out.read_bytes()
+    with pytest.raises(ValueError, match="already exists"):
+        save_nifti(vol * 0, (1, 1, 1), out)
+    assert out.read_bytes() == before
+    save_nifti(vol * 0 + 5, (1, 1, 1), out, overwrite=True)
+    assert np.asarray(nib.load(out).dataobj).max() == 5
+    assert [p.name for p in tmp_path.iterdir()] == ["ct.nii.gz"]  # no temp files left
+    with pytest.raises(ValueError, match="does not exist"):
+        save_nifti(vol, (1, 1, 1), tmp_path / "missing" / "a.nii.gz")
+
+
+def test_preview_png(tmp_path):
+    from PIL import Image
+    vol = torch.full((20, 16, 8), -1000.0)
+    vol[5:15, 4:12, 2:6] = 1000.0
+    path = save_preview(vol, (1.0, 1.0, 2.0), tmp_path / "p.png")
+    img = np.asarray(Image.open(path))
+    assert img.dtype == np.uint8 and img.ndim == 2
+    assert img.max() == 255 and img.min() == 0
+    assert img.shape[0] == 16  # sagittal/coronal: z 8 slices x 2 mm = 16 px; axial: y 16 px

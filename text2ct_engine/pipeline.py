@@ -1,0 +1,204 @@
+"""Text2CTPipeline: text context -> rectified-flow sampling of latents -> VAE decode -> HU volumes.
+
+A model directory holds ``pipeline.json`` (scale factor, spacing, HU window, scheduler, defaults),
+``vae/`` and ``unet/`` (each ``config.json`` + ``model.safetensors``) and, for text prompts, ``clip/`` and
+``tokenizer.json``. Volumes are (X, Y, Z) arrays: axis 0 runs left->right, 1 posterior->anterior,
+2 inferior->superior (RAS+), so the NIfTI affine is diag(spacing).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import torch
+
+from .io_utils import write_json
+from .models import AutoencoderKL, DiffusionUNet
+from .schedulers import RFlowScheduler, scheduler_from_dict
+
+PIPELINE_FILE = "pipeline.json"
+
+
+@dataclass
+class PipelineConfig:
+    """Everything besides the networks that sampling needs; stored as ``pipeline.json``."""
+    scale_factor: float = 1.0                   # latents are divided by this before decoding
+    spacing: Sequence[float] = (0.75, 0.75, 3.0)  # mm per voxel along (x, y, z)
+    size: Sequence[int] = (512, 512, 128)       # default output size (x, y, z)
+    hu_window: Sequence[float] = (-1000.0, 1000.0)  # VAE output 0..1 maps to this HU range
+    spacing_scale: float = 100.0                # MAISI feeds the UNet spacing in mm x 100
+    class_label: int | None = 1                 # MAISI modality class (1 = CT)
+    guidance: float = 5.0
+    steps: int = 30
+    scheduler: dict = field(default_factory=lambda: RFlowScheduler().to_dict())
+
+    def __post_init__(self) -> None:
+        self.spacing = tuple(float(s) for s in self.spacing)
+        self.size = tuple(int(s) for s in self.size)
+        self.hu_window = tuple(float(s) for s in self.hu_window)
+        if self.scale_factor <= 0 or len(self.hu_window) != 2 or self.hu_window[0] >= self.hu_window[1]:
+            raise ValueError("pipeline config: scale_factor must be > 0 and hu_window an increasing pair")
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    if device is None or device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+class Text2CTPipeline:
+    """Assembled sampler; build with :meth:`from_pretrained` or from components."""
+
+    def __init__(self, unet: DiffusionUNet, vae: AutoencoderKL, config: PipelineConfig | None = None,
+                 text_encoder: torch.nn.Module | None = None, tokenizer=None) -> None:
+        self.unet, self.vae, self.config = unet, vae, config or PipelineConfig()
+        self.text_encoder, self.tokenizer = text_encoder, tokenizer
+        self.scheduler = scheduler_from_dict(self.config.scheduler)
+
+    # ------------------------------------------------------------------ directories
+    @classmethod
+    def from_pretrained(cls, directory: str | os.PathLike, device: str | torch.device | None = None,
+                        dtype: torch.dtype | None = None) -> "Text2CTPipeline":
+        """Load a model directory; raises ``ValueError`` with one line naming what is missing or wrong."""
+        directory = os.fspath(directory)
+        if not os.path.isdir(directory):
+            raise ValueError(f"model directory {directory} does not exist")
+        path = os.path.join(directory, PIPELINE_FILE)
+        if not os.path.isfile(path):
+            raise ValueError(f"{directory} is not a model directory: {PIPELINE_FILE} is missing")
+        try:
+            with open(path) as f:
+                raw = json.load(f)
+            config = PipelineConfig(**raw)
+        except (json.JSONDecodeError, TypeError) as err:
+            raise ValueError(f"{path} is not a valid pipeline config: {err}") from None
+        dev = resolve_device(device)
+        unet = DiffusionUNet.from_pretrained(os.path.join(directory, "unet"), device=dev, dtype=dtype)
+        vae = AutoencoderKL.from_pretrained(os.path.join(directory, "vae"), device=dev, dtype=dtype)
+        text_encoder = tokenizer = None
+        if os.path.isdir(os.path.join(directory, "clip")):
+            from .text import load_text_side
+            text_encoder, tokenizer = load_text_side(directory, dev, dtype)
+        return cls(unet, vae, config, text_encoder, tokenizer)
+
+    def save_pretrained(self, directory: str | os.PathLike) -> None:
+        """Write the model directory (every file atomically)."""
+        os.makedirs(directory, exist_ok=True)
+        self.unet.save_pretrained(os.path.join(directory, "unet"))
+        self.vae.save_pretrained(os.path.join(directory, "vae"))
+        if self.text_encoder is not None:
+            from .text import save_text_side
+            save_text_side(directory, self.text_encoder, self.tokenizer)
+        config = dataclasses.asdict(self.config)
+        config["scheduler"] = self.scheduler.to_dict()
+        write_json(os.path.join(directory, PIPELINE_FILE), config)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.unet.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.unet.parameters()).dtype
+
+    @property
+    def vae_factor(self) -> int:
+        return self.vae.config.downsample_factor
+
+    # ------------------------------------------------------------------ pieces
+    def check_size(self, size: Sequence[int]) -> tuple[int, int, int]:
+        f = self.vae_factor
+        if len(size) != 3 or any(int(s) <= 0 or int(s) % f for s in size):
+            raise ValueError(f"size {tuple(size)} must be three positive numbers divisible by the VAE factor {f}")
+        return tuple(int(s) for s in size)  # type: ignore[return-value]
+
+    @staticmethod
+    def check_spacing(spacing: Sequence[float]) -> tuple[float, float, float]:
+        if len(spacing) != 3 or not all(0 < float(s) < 100 for s in spacing):
+            raise ValueError(f"spacing {tuple(spacing)} must be three positive millimetre values below 100")
+        return tuple(float(s) for s in spacing)  # type: ignore[return-value]
+
+    def encode_prompts(self, prompts: Sequence[str], allow_empty: bool = False) -> torch.Tensor:
+        """Prompts -> (B, 1, cross_attention_dim) context from the CLIP text tower."""
+        if self.text_encoder is None or self.tokenizer is None:
+            raise ValueError("this model directory has no text encoder (clip/ and tokenizer.json): "
+                             "pass a context tensor instead of prompts")
+        from .text import encode_prompts
+        return encode_prompts(self.text_encoder, self.tokenizer, prompts, self.device, allow_empty=allow_empty)
+
+    def guided_velocity(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor, guidance: float,
+                        spacing: torch.Tensor) -> torch.Tensor:
+        """UNet velocity with classifier-free guidance: one batched call on [cond; uncond] inputs.
+
+        The unconditional context is zeros (as in Text2CT's training, which zeroes dropped conditions).
+        """
+        b = x.shape[0]
+        extra = {}
+        if self.config.class_label is not None and self.unet.config.num_class_embeds is not None:
+            extra["class_labels"] = torch.full((b,), self.config.class_label, dtype=torch.long, device=x.device)
+        if self.unet.config.include_spacing_input:
+            extra["spacing_tensor"] = spacing.expand(b, 3)
+        if guidance == 1.0:
+            return self.unet(x, t.expand(b), context=context, **extra)
+        doubled = {k: torch.cat([v, v]) for k, v in extra.items()}
+        out = self.unet(torch.cat([x, x]), t.expand(2 * b), context=torch.cat([context, torch.zeros_like(context)]),
+                        **doubled)
+        cond, uncond = out.chunk(2)
+        return uncond + guidance * (cond - uncond)
+
+    def sample_latents(self, context: torch.Tensor, size: Sequence[int], spacing: Sequence[float],
+                       steps: int, guidance: float, generator: torch.Generator,
+                       progress: Callable[[int, int], None] | None = None) -> torch.Tensor:
+        """Integrate the rectified flow from noise to latents (B, C, x/f, y/f, z/f)."""
+        f, lc = self.vae_factor, self.vae.config.latent_channels
+        shape = (context.shape[0], lc, *(s // f for s in size))
+        x = torch.randn(shape, generator=generator, device=generator.device, dtype=torch.float32)
+        x = x.to(self.device, self.dtype)
+        sched = self.scheduler
+        sched.set_timesteps(steps, device=self.device, input_img_size_numel=int(torch.tensor(shape[2:]).prod()))
+        spacing_t = torch.tensor([spacing], device=self.device, dtype=self.dtype) * self.config.spacing_scale
+        context = context.to(self.device, self.dtype)
+        nexts = sched.next_timesteps() if isinstance(sched, RFlowScheduler) else [None] * len(sched.timesteps)
+        for i, (t, nt) in enumerate(zip(sched.timesteps, nexts)):
+            tt = t.reshape(1).to(self.device, torch.float32)
+            v = self.guided_velocity(x, tt, context, guidance, spacing_t)
+            x = (sched.step(v, t, x, nt) if nt is not None else sched.step(v, t, x))[0]
+            if progress is not None:
+                progress(i + 1, len(sched.timesteps))
+        return x
+
+    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        """Latents -> HU volumes (B, X, Y, Z), float32 on the CPU."""
+        lo, hi = self.config.hu_window
+        volumes = []
+        for z in latents / self.config.scale_factor:  # one volume at a time: decoding dominates memory
+            image = self.vae.decode(z[None])[0, 0].float()
+            volumes.append((image.clamp(0, 1) * (hi - lo) + lo).cpu())
+        return torch.stack(volumes)
+
+    # ------------------------------------------------------------------ main entry
+    @torch.no_grad()
+    def __call__(self, prompts: Sequence[str] | str | None = None, *, context: torch.Tensor | None = None,
+                 steps: int | None = None, guidance: float | None = None, seed: int = 0,
+                 size: Sequence[int] | None = None, spacing: Sequence[float] | None = None,
+                 allow_empty: bool = False, progress: Callable[[int, int], None] | None = None) -> torch.Tensor:
+        """Sample HU volumes (B, X, Y, Z) for prompts (or a ready (B, 1, D) context); same seed, same volumes."""
+        if (prompts is None) == (context is None):
+            raise ValueError("pass either prompts or a context tensor")
+        if prompts is not None:
+            prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+            context = self.encode_prompts(prompts, allow_empty=allow_empty)
+        assert context is not None
+        if context.dim() != 3 or context.shape[-1] != self.unet.config.cross_attention_dim:
+            raise ValueError(f"context must be (B, tokens, {self.unet.config.cross_attention_dim}), "
+                             f"got {tuple(context.shape)}")
+        size = self.check_size(size or self.config.size)
+        spacing = self.check_spacing(spacing or self.config.spacing)
+        steps = int(steps or self.config.steps)
+        guidance = float(self.config.guidance if guidance is None else guidance)
+        generator = torch.Generator("cpu").manual_seed(int(seed))
+        latents = self.sample_latents(context, size, spacing, steps, guidance, generator, progress)
+        return self.decode_latents(latents)

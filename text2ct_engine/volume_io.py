@@ -1,0 +1,85 @@
+"""Writing generated volumes: int16 HU NIfTI with the affine from the spacing, and a PNG preview montage.
+
+Arrays are (X, Y, Z) in RAS+ (axis 0 left->right, 1 posterior->anterior, 2 inferior->superior), so the
+affine is diag(sx, sy, sz). Every write is atomic and never replaces an existing file unless asked.
+"""
+from __future__ import annotations
+
+import os
+from typing import Sequence
+
+import nibabel as nib
+import numpy as np
+import torch
+
+from .io_utils import atomic_path
+
+
+def check_writable(path: str | os.PathLike, overwrite: bool) -> str:
+    """Raise ``ValueError`` (one line) unless ``path`` can be written now; returns it as a string."""
+    path = os.fspath(path)
+    if os.path.exists(path) and not overwrite:
+        raise ValueError(f"{path} already exists: choose another path or pass --force to overwrite")
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise ValueError(f"cannot write {path}: folder {folder} does not exist")
+    if not os.access(folder, os.W_OK):
+        raise ValueError(f"cannot write {path}: folder {folder} is not writable")
+    return path
+
+
+def to_int16_hu(volume: torch.Tensor | np.ndarray) -> np.ndarray:
+    arr = volume.detach().cpu().numpy() if isinstance(volume, torch.Tensor) else np.asarray(volume)
+    return np.clip(np.rint(arr), -32768, 32767).astype(np.int16)
+
+
+def save_nifti(volume: torch.Tensor | np.ndarray, spacing: Sequence[float], path: str | os.PathLike,
+               overwrite: bool = False) -> str:
+    """Write an (X, Y, Z) HU volume as int16 NIfTI (``.nii`` or ``.nii.gz``) with affine diag(spacing)."""
+    path = check_writable(path, overwrite)
+    data = to_int16_hu(volume)
+    if data.ndim != 3:
+        raise ValueError(f"a volume must be 3-D (X, Y, Z), got shape {data.shape}")
+    affine = np.diag([*map(float, spacing), 1.0])
+    img = nib.Nifti1Image(data, affine)
+    img.header.set_xyzt_units("mm")
+    img.set_qform(affine, code=1)
+    img.set_sform(affine, code=1)
+    suffix = ".nii.gz" if path.endswith(".gz") else ".nii"
+    with atomic_path(path, suffix=suffix) as tmp:
+        nib.save(img, tmp)
+    return path
+
+
+def preview_montage(volume: torch.Tensor | np.ndarray, spacing: Sequence[float],
+                    window: tuple[float, float] = (-1000.0, 1000.0)) -> np.ndarray:
+    """Axial, coronal and sagittal mid-slices side by side, resampled to square pixels, as uint8 (H, W)."""
+    from PIL import Image
+
+    arr = volume.detach().cpu().float().numpy() if isinstance(volume, torch.Tensor) else np.asarray(volume, float)
+    x, y, z = arr.shape
+    sx, sy, sz = map(float, spacing)
+    lo, hi = window
+    views = [(arr[:, :, z // 2], sx, sy), (arr[:, y // 2, :], sx, sz), (arr[x // 2, :, :], sy, sz)]
+    tiles = []
+    mm_per_px = min(sx, sy, sz)
+    for plane, su, sv in views:
+        img8 = np.clip((plane - lo) / (hi - lo) * 255.0, 0, 255).astype(np.uint8)
+        # rows = second axis flipped so anterior / superior is up, columns = first axis
+        img = Image.fromarray(np.flipud(img8.T))
+        w, h = max(1, round(plane.shape[0] * su / mm_per_px)), max(1, round(plane.shape[1] * sv / mm_per_px))
+        tiles.append(np.asarray(img.resize((w, h), Image.BILINEAR)))
+    height = max(t.shape[0] for t in tiles)
+    padded = [np.pad(t, ((0, height - t.shape[0]), (0, 4))) for t in tiles]
+    return np.concatenate(padded, axis=1)
+
+
+def save_preview(volume: torch.Tensor | np.ndarray, spacing: Sequence[float], path: str | os.PathLike,
+                 overwrite: bool = False, window: tuple[float, float] = (-1000.0, 1000.0)) -> str:
+    """Write :func:`preview_montage` as a PNG."""
+    from PIL import Image
+
+    path = check_writable(path, overwrite)
+    with atomic_path(path, suffix=".png") as tmp:
+        Image.fromarray(preview_montage(volume, spacing, window)).save(tmp, format="PNG")
+    return path
