@@ -1,0 +1,115 @@
+"""python -m text2ct_engine.convert: MONAI/Text2CT checkpoints -> model directory, and its one-line errors."""
+import json
+import os
+import subprocess
+import sys
+from collections import OrderedDict
+
+import pytest
+import torch
+
+from text2ct_engine.convert import main
+from text2ct_engine.pipeline import Text2CTPipeline
+
+maisi_unet = pytest.importorskip("monai.apps.generation.maisi.networks.diffusion_model_unet_maisi")
+maisi_vae = pytest.importorskip("monai.apps.generation.maisi.networks.autoencoderkl_maisi")
+
+UNET_KW = dict(spatial_dims=3, in_channels=4, out_channels=4, num_res_blocks=1, num_channels=[8, 16],
+               attention_levels=[False, True], norm_num_groups=4, resblock_updown=True, num_head_channels=[0, 8],
+               with_conditioning=True, cross_attention_dim=16, num_class_embeds=128, include_fc=True,
+               include_spacing_input=True)
+VAE_KW = dict(spatial_dims=3, in_channels=1, out_channels=1, num_res_blocks=[1, 1], num_channels=[8, 8],
+              attention_levels=[False, False], latent_channels=4, norm_num_groups=4)
+
+
+class NotWeights:  # pickled as a class instance: needs code to load
+    pass
+
+
+@pytest.fixture
+def checkpoints(tmp_path):
+    torch.manual_seed(0)
+    unet = maisi_unet.DiffusionModelUNetMaisi(**UNET_KW)
+    vae = maisi_vae.AutoencoderKlMaisi(**VAE_KW, num_splits=1)
+    with torch.no_grad():
+        for p in unet.parameters():
+            p.normal_(0, 0.1)
+    torch.save({"unet_state_dict": unet.state_dict(), "scale_factor": torch.tensor(0.875), "epoch": 12},
+               tmp_path / "unet.pt")
+    torch.save(OrderedDict((f"module.{k}", v) for k, v in vae.state_dict().items()), tmp_path / "vae.pt")
+    (tmp_path / "unet.json").write_text(json.dumps(UNET_KW))
+    (tmp_path / "vae.json").write_text(json.dumps(VAE_KW))
+    return tmp_path, unet.eval(), vae.eval()
+
+
+def run(tmp, *extra):
+    return main(["--unet", str(tmp / "unet.pt"), "--vae", str(tmp / "vae.pt"), "--unet-config",
+                 str(tmp / "unet.json"), "--vae-config", str(tmp / "vae.json"), *extra])
+
+
+def test_convert_round_trips_monai_outputs(checkpoints, capsys):
+    tmp, unet, vae = checkpoints
+    assert run(tmp, "--out", str(tmp / "model")) == 0
+    out = capsys.readouterr().out
+    assert "from unet_state_dict" in out and "module. prefix removed" in out and "scale_factor: 0.875" in out
+    pipe = Text2CTPipeline.from_pretrained(tmp / "model")
+    assert pipe.config.scale_factor == pytest.approx(0.875)
+    x, t = torch.randn(1, 4, 8, 8, 8), torch.tensor([300.0])
+    args = dict(context=torch.randn(1, 1, 16), class_labels=torch.tensor([1]),
+                spacing_tensor=torch.tensor([[75.0, 75.0, 300.0]]))
+    with torch.no_grad():
+        torch.testing.assert_close(pipe.unet(x, t, **args), unet(x, t, **args), rtol=1e-5, atol=1e-6)
+        z = torch.randn(1, 4, 4, 4, 4)
+        torch.testing.assert_close(pipe.vae.decode(z), vae.decode(z), rtol=1e-5, atol=1e-6)
+
+
+def test_convert_errors_are_one_line_and_write_nothing(checkpoints, capsys):
+    tmp, _, _ = checkpoints
+    out = str(tmp / "model")
+    torch.save({"weights": NotWeights()}, tmp / "evil.pt")
+    (tmp / "junk.pt").write_bytes(b"not a checkpoint at all")
+    torch.save({"epoch": 3, "optimizer": {"lr": torch.tensor(1.0)}}, tmp / "nosd.pt")
+    sd = torch.load(tmp / "unet.pt", weights_only=True)
+    sd["unet_state_dict"].pop("conv_in.conv.weight")
+    torch.save(sd, tmp / "missing.pt")
+    cases = {
+        "refused, it needs code": ["--unet", str(tmp / "evil.pt")],
+        "not a readable PyTorch checkpoint": ["--unet", str(tmp / "junk.pt")],
+        "no state dict found": ["--unet", str(tmp / "nosd.pt")],
+        "1 missing keys (e.g. conv_in.conv.weight)": ["--unet", str(tmp / "missing.pt")],
+        "no such file": ["--vae", str(tmp / "absent.pt")],
+    }
+    for expected, swap in cases.items():
+        args = ["--unet", str(tmp / "unet.pt"), "--vae", str(tmp / "vae.pt"), "--unet-config",
+                str(tmp / "unet.json"), "--vae-config", str(tmp / "vae.json"), "--out", out]
+        i = args.index(swap[0])
+        args[i + 1] = swap[1]
+        assert main(args) == 2
+        err = capsys.readouterr().err.strip()
+        assert expected in err and len(err.splitlines()) == 1, err
+        assert not os.path.exists(out)
+    # wrong architecture: the default (full Text2CT) UNet config against tiny weights
+    assert main(["--unet", str(tmp / "unet.pt"), "--vae", str(tmp / "vae.pt"), "--vae-config",
+                 str(tmp / "vae.json"), "--out", out]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "does not fit DiffusionUNet" in err and "--unet-config" in err
+    assert [p for p in os.listdir(tmp) if p.startswith(".convert-")] == []
+
+
+def test_convert_refuses_existing_output_without_force(checkpoints, capsys):
+    tmp, _, _ = checkpoints
+    (tmp / "model").mkdir()
+    (tmp / "model" / "keep.txt").write_text("mine")
+    assert run(tmp, "--out", str(tmp / "model")) == 2
+    assert "already exists" in capsys.readouterr().err
+    assert (tmp / "model" / "keep.txt").read_text() == "mine"
+    assert run(tmp, "--out", str(tmp / "model"), "--force") == 0
+    assert sorted(os.listdir(tmp / "model")) == ["pipeline.json", "unet", "vae"]
+
+
+def test_convert_cli_no_traceback(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "text2ct_engine.convert", "--unet", str(tmp_path / "a.pt"),
+                        "--vae", str(tmp_path / "b.pt"), "--out", str(tmp_path / "m")],
+                       capture_output=True, text=True)
+    assert r.returncode == 2
+    assert r.stderr.strip().splitlines() == [f"error: {tmp_path / 'a.pt'}: no such file"]

@@ -1,0 +1,184 @@
+"""Turn MONAI / MAISI / Text2CT ``.pt`` checkpoints into a model directory.
+
+    python -m text2ct_engine.convert --unet diff_unet.pt --vae autoencoder_epoch273.pt --out models/text2ct
+
+Checkpoints are read with ``torch.load(weights_only=True)`` only: a file that needs code to unpickle is
+refused. A checkpoint may be a bare state dict or a dict holding one under a key such as
+``unet_state_dict``; the key found is reported. Network settings default to Text2CT's and can be replaced
+with a JSON file of MONAI keyword arguments (``--unet-config``, ``--vae-config``).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pickle
+import re
+import shutil
+import sys
+import tempfile
+
+import torch
+
+from .models import AutoencoderKL, DiffusionUNet
+from .pipeline import PipelineConfig, Text2CTPipeline
+
+STATE_KEYS = ("unet_state_dict", "autoencoder_state_dict", "state_dict", "model_state_dict", "model",
+              "ema_state_dict", "ema", "net", "module")
+
+
+class ConvertError(ValueError):
+    """A checkpoint that cannot become a model directory; the message is one line for the user."""
+
+
+def load_checkpoint(path: str) -> dict:
+    """``torch.load`` with ``weights_only=True``, with one-line errors for missing or unsafe files."""
+    if not os.path.isfile(path):
+        raise ConvertError(f"{path}: no such file")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(err))
+        if found:
+            raise ConvertError(f"{path}: refused, it needs code to unpickle ({found.group(1)}) and only plain "
+                               f"weights are loaded; re-save it as a state dict") from None
+        raise ConvertError(f"{path}: not a readable PyTorch checkpoint (corrupt or another format)") from None
+    except Exception as err:  # corrupt zip, truncated file, not a torch file at all
+        raise ConvertError(f"{path}: not a readable PyTorch checkpoint ({type(err).__name__}: "
+                           f"{str(err).splitlines()[0][:160] if str(err) else ''})") from None
+    if not isinstance(obj, dict):
+        raise ConvertError(f"{path}: holds a {type(obj).__name__}, not a state dict")
+    return obj
+
+
+def is_state_dict(d: object) -> bool:
+    return isinstance(d, dict) and len(d) > 0 and all(isinstance(v, torch.Tensor) for v in d.values())
+
+
+def find_state_dict(ckpt: dict, path: str, preferred: tuple[str, ...] = ()) -> tuple[dict, str]:
+    """The tensors of a checkpoint and where they were found ("<top level>" or the key)."""
+    if is_state_dict(ckpt):
+        sd, where = ckpt, "<top level>"
+    else:
+        for key in (*preferred, *STATE_KEYS):
+            if is_state_dict(ckpt.get(key)):
+                sd, where = ckpt[key], key
+                break
+        else:
+            keys = ", ".join(sorted(map(str, ckpt))[:8]) or "none"
+            raise ConvertError(f"{path}: no state dict found (top-level keys: {keys}); expected a bare state "
+                               f"dict or one under {', '.join(STATE_KEYS[:4])}, ...")
+    if all(k.startswith("module.") for k in sd):  # saved from DistributedDataParallel
+        sd, where = {k[len("module."):]: v for k, v in sd.items()}, where + " (module. prefix removed)"
+    return sd, where
+
+
+def load_into(model: torch.nn.Module, sd: dict, path: str) -> None:
+    """``load_state_dict(strict=True)`` with a one-line explanation of any mismatch."""
+    own = model.state_dict()
+    missing = sorted(set(own) - set(sd))
+    unexpected = sorted(set(sd) - set(own))
+    wrong = sorted(k for k in set(own) & set(sd) if own[k].shape != sd[k].shape)
+    if missing or unexpected or wrong:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing keys (e.g. {', '.join(missing[:3])})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected keys (e.g. {', '.join(unexpected[:3])})")
+        if wrong:
+            k = wrong[0]
+            parts.append(f"{len(wrong)} shape mismatches (e.g. {k}: {tuple(sd[k].shape)} vs "
+                         f"{tuple(own[k].shape)})")
+        raise ConvertError(f"{path}: does not fit {type(model).__name__} with this configuration: "
+                           f"{'; '.join(parts)}; pass the matching --{'unet' if 'UNet' in type(model).__name__ else 'vae'}-config")
+    model.load_state_dict(sd, strict=True)
+
+
+def read_config(path: str | None) -> dict:
+    if path is None:
+        return {}
+    try:
+        with open(path) as f:
+            cfg = json.load(f)
+    except (OSError, json.JSONDecodeError) as err:
+        raise ConvertError(f"{path}: cannot read the JSON config ({err})") from None
+    if not isinstance(cfg, dict):
+        raise ConvertError(f"{path}: the config must be a JSON object of keyword arguments")
+    return cfg
+
+
+def build(cls, kwargs: dict, path: str | None):
+    try:
+        return cls(**kwargs)
+    except (TypeError, ValueError) as err:
+        raise ConvertError(f"{path or 'default config'}: invalid {cls.__name__} settings ({err})") from None
+
+
+def convert(unet_path: str, vae_path: str, out: str, unet_config: str | None = None, vae_config: str | None = None,
+            scale_factor: float | None = None, clip_path: str | None = None, tokenizer_path: str | None = None,
+            force: bool = False, log=print) -> Text2CTPipeline:
+    """Build the model directory ``out`` from checkpoints; nothing is left behind on error."""
+    if os.path.exists(out) and not force:
+        raise ConvertError(f"{out} already exists: choose another --out or pass --force to replace it")
+    unet_ckpt = load_checkpoint(unet_path)
+    unet_sd, where = find_state_dict(unet_ckpt, unet_path, ("unet_state_dict",))
+    log(f"unet: {len(unet_sd)} tensors from {where} of {unet_path}")
+    vae_ckpt = load_checkpoint(vae_path)
+    vae_sd, where = find_state_dict(vae_ckpt, vae_path, ("autoencoder_state_dict",))
+    log(f"vae: {len(vae_sd)} tensors from {where} of {vae_path}")
+    unet = build(DiffusionUNet, read_config(unet_config), unet_config)
+    vae = build(AutoencoderKL, read_config(vae_config), vae_config)
+    load_into(unet, unet_sd, unet_path)
+    load_into(vae, vae_sd, vae_path)
+    if scale_factor is None:
+        found = unet_ckpt.get("scale_factor")
+        if found is None:
+            raise ConvertError(f"{unet_path}: holds no scale_factor; pass --scale-factor (1 / std of the "
+                               f"training latents)")
+        scale_factor = float(found)
+        log(f"scale_factor: {scale_factor:.6g} from {unet_path}")
+    text_encoder = tokenizer = None
+    if clip_path is not None:
+        from .text import convert_clip_checkpoint
+        text_encoder, tokenizer, where = convert_clip_checkpoint(load_checkpoint(clip_path), clip_path,
+                                                                 tokenizer_path)
+        log(f"clip text tower from {where} of {clip_path}")
+    pipe = Text2CTPipeline(unet.eval(), vae.eval(), PipelineConfig(scale_factor=scale_factor),
+                           text_encoder, tokenizer)
+    parent = os.path.dirname(os.path.abspath(out))
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".convert-", dir=parent)
+    try:
+        pipe.save_pretrained(tmp)
+        if os.path.exists(out):
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    log(f"wrote {out}")
+    return pipe
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m text2ct_engine.convert", description=__doc__.split("\n\n")[0])
+    p.add_argument("--unet", required=True, help="diffusion UNet checkpoint (.pt)")
+    p.add_argument("--vae", required=True, help="MAISI autoencoder checkpoint (.pt)")
+    p.add_argument("--out", required=True, help="model directory to create")
+    p.add_argument("--unet-config", help="JSON file of DiffusionModelUNetMaisi keyword arguments")
+    p.add_argument("--vae-config", help="JSON file of AutoencoderKlMaisi keyword arguments")
+    p.add_argument("--scale-factor", type=float, help="latent scale factor (default: read from the UNet checkpoint)")
+    p.add_argument("--clip", help="Text2CT CLIP checkpoint (.pt) holding the text tower")
+    p.add_argument("--tokenizer", help="tokenizer.json to ship with the CLIP text tower")
+    p.add_argument("--force", action="store_true", help="replace --out if it exists")
+    args = p.parse_args(argv)
+    try:
+        convert(args.unet, args.vae, args.out, args.unet_config, args.vae_config, args.scale_factor,
+                args.clip, args.tokenizer, args.force)
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
