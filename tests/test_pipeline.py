@@ -127,3 +127,13 @@ def test_preview_png(tmp_path):
     assert img.dtype == np.uint8 and img.ndim == 2
     assert img.max() == 255 and img.min() == 0
     assert img.shape[0] == 16  # sagittal/coronal: z 8 slices x 2 mm = 16 px; axial: y 16 px
+
+
+def test_tiled_decode_in_pipeline_matches_plain():
+    pipe = tiny_pipeline()
+    ctx = torch.randn(1, 1, CONTEXT_DIM)
+    plain = pipe(context=ctx, seed=2, decode_slab=None)
+    tiled = pipe(context=ctx, seed=2, decode_slab=2)
+    torch.testing.assert_close(tiled, plain, rtol=1e-5, atol=1e-2)  # HU: 2000 x the [0, 1] output
+    assert pipe.auto_slab((1, 4, 128, 128, 32)) == 32  # Text2CT's full 512x512x128 volume is tiled
+    assert pipe.auto_slab((1, 4, 4, 4, 2)) is None

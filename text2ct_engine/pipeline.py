@@ -18,6 +18,7 @@ import torch
 from .io_utils import write_json
 from .models import AutoencoderKL, DiffusionUNet
 from .schedulers import RFlowScheduler, scheduler_from_dict
+from .tiling import tiled_decode
 
 PIPELINE_FILE = "pipeline.json"
 
@@ -170,12 +171,28 @@ class Text2CTPipeline:
                 progress(i + 1, len(sched.timesteps))
         return x
 
-    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
-        """Latents -> HU volumes (B, X, Y, Z), float32 on the CPU."""
+    def auto_slab(self, latent_shape: Sequence[int]) -> int | None:
+        """Slab rows for exact tiled decoding, or None when the untiled decode's widest activation is small."""
+        f = self.vae_factor
+        voxels = 1
+        for s in latent_shape[-3:]:
+            voxels *= s * f
+        widest = voxels * self.vae.config.num_channels[0] * torch.finfo(self.dtype).bits // 8
+        return 32 if widest > 256 * 2**20 else None
+
+    def decode_latents(self, latents: torch.Tensor, slab: int | None | str = "auto") -> torch.Tensor:
+        """Latents -> HU volumes (B, X, Y, Z), float32 on the CPU.
+
+        ``slab``: rows per slab of the exact tiled decode (:mod:`text2ct_engine.tiling`), None for the plain
+        decode, "auto" to tile only volumes whose full-resolution activations exceed 256 MiB.
+        """
         lo, hi = self.config.hu_window
+        if slab == "auto":
+            slab = self.auto_slab(latents.shape)
         volumes = []
         for z in latents / self.config.scale_factor:  # one volume at a time: decoding dominates memory
-            image = self.vae.decode(z[None])[0, 0].float()
+            z = z[None].to(self.device, self.dtype)
+            image = (self.vae.decode(z) if slab is None else tiled_decode(self.vae, z, slab))[0, 0].float()
             volumes.append((image.clamp(0, 1) * (hi - lo) + lo).cpu())
         return torch.stack(volumes)
 
@@ -184,7 +201,8 @@ class Text2CTPipeline:
     def __call__(self, prompts: Sequence[str] | str | None = None, *, context: torch.Tensor | None = None,
                  steps: int | None = None, guidance: float | None = None, seed: int = 0,
                  size: Sequence[int] | None = None, spacing: Sequence[float] | None = None,
-                 allow_empty: bool = False, progress: Callable[[int, int], None] | None = None) -> torch.Tensor:
+                 allow_empty: bool = False, progress: Callable[[int, int], None] | None = None,
+                 decode_slab: int | None | str = "auto") -> torch.Tensor:
         """Sample HU volumes (B, X, Y, Z) for prompts (or a ready (B, 1, D) context); same seed, same volumes."""
         if (prompts is None) == (context is None):
             raise ValueError("pass either prompts or a context tensor")
@@ -201,4 +219,4 @@ class Text2CTPipeline:
         guidance = float(self.config.guidance if guidance is None else guidance)
         generator = torch.Generator("cpu").manual_seed(int(seed))
         latents = self.sample_latents(context, size, spacing, steps, guidance, generator, progress)
-        return self.decode_latents(latents)
+        return self.decode_latents(latents, decode_slab)
