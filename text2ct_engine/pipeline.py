@@ -150,14 +150,21 @@ class Text2CTPipeline:
         cond, uncond = out.chunk(2)
         return uncond + guidance * (cond - uncond)
 
+    def initial_noise(self, batch: int, size: Sequence[int], seeds: Sequence[int]) -> torch.Tensor:
+        """Latent noise, one CPU generator per sample: a sample's noise depends only on its own seed."""
+        f, lc = self.vae_factor, self.vae.config.latent_channels
+        shape = (lc, *(s // f for s in size))
+        if len(seeds) != batch:
+            raise ValueError(f"{len(seeds)} seeds for {batch} samples")
+        noise = [torch.randn(shape, generator=torch.Generator().manual_seed(int(s))) for s in seeds]
+        return torch.stack(noise).to(self.device, self.dtype)
+
     def sample_latents(self, context: torch.Tensor, size: Sequence[int], spacing: Sequence[float],
-                       steps: int, guidance: float, generator: torch.Generator,
+                       steps: int, guidance: float, seeds: Sequence[int],
                        progress: Callable[[int, int], None] | None = None) -> torch.Tensor:
         """Integrate the rectified flow from noise to latents (B, C, x/f, y/f, z/f)."""
-        f, lc = self.vae_factor, self.vae.config.latent_channels
-        shape = (context.shape[0], lc, *(s // f for s in size))
-        x = torch.randn(shape, generator=generator, device=generator.device, dtype=torch.float32)
-        x = x.to(self.device, self.dtype)
+        x = self.initial_noise(context.shape[0], size, seeds)
+        shape = x.shape
         sched = self.scheduler
         sched.set_timesteps(steps, device=self.device, input_img_size_numel=int(torch.tensor(shape[2:]).prod()))
         spacing_t = torch.tensor([spacing], device=self.device, dtype=self.dtype) * self.config.spacing_scale
@@ -199,11 +206,15 @@ class Text2CTPipeline:
     # ------------------------------------------------------------------ main entry
     @torch.no_grad()
     def __call__(self, prompts: Sequence[str] | str | None = None, *, context: torch.Tensor | None = None,
-                 steps: int | None = None, guidance: float | None = None, seed: int = 0,
+                 steps: int | None = None, guidance: float | None = None, seed: int | Sequence[int] = 0,
                  size: Sequence[int] | None = None, spacing: Sequence[float] | None = None,
                  allow_empty: bool = False, progress: Callable[[int, int], None] | None = None,
                  decode_slab: int | None | str = "auto") -> torch.Tensor:
-        """Sample HU volumes (B, X, Y, Z) for prompts (or a ready (B, 1, D) context); same seed, same volumes."""
+        """Sample HU volumes (B, X, Y, Z) for prompts (or a ready (B, 1, D) context).
+
+        ``seed`` is one int (sample i gets seed + i) or one per sample; a sample's volume depends only on
+        its prompt and seed, not on what else is in the batch.
+        """
         if (prompts is None) == (context is None):
             raise ValueError("pass either prompts or a context tensor")
         if prompts is not None:
@@ -217,6 +228,7 @@ class Text2CTPipeline:
         spacing = self.check_spacing(spacing or self.config.spacing)
         steps = int(steps or self.config.steps)
         guidance = float(self.config.guidance if guidance is None else guidance)
-        generator = torch.Generator("cpu").manual_seed(int(seed))
-        latents = self.sample_latents(context, size, spacing, steps, guidance, generator, progress)
+        b = context.shape[0]
+        seeds = [int(seed) + i for i in range(b)] if isinstance(seed, int) else [int(s) for s in seed]
+        latents = self.sample_latents(context, size, spacing, steps, guidance, seeds, progress)
         return self.decode_latents(latents, decode_slab)
