@@ -113,3 +113,28 @@ def test_convert_cli_no_traceback(tmp_path):
                        capture_output=True, text=True)
     assert r.returncode == 2
     assert r.stderr.strip().splitlines() == [f"error: {tmp_path / 'a.pt'}: no such file"]
+
+
+def test_convert_with_text2ct_clip_checkpoint(checkpoints, capsys):
+    from tiny_models import tiny_text_side
+    tmp, _, _ = checkpoints
+    encoder, tok = tiny_text_side()
+    # Text2CT / CT-CLIP layout: the HF text model under text_transformer., projection as to_text_latent
+    sd = {f"text_transformer.{k}": v for k, v in encoder.text_model.state_dict().items()}
+    sd["to_text_latent.weight"] = encoder.text_projection.weight.detach().clone()
+    sd["visual_transformer.patch.weight"] = torch.randn(4, 4)  # the volume tower is not needed for sampling
+    torch.save({"state_dict": sd}, tmp / "clip.pt")
+    tok.save(tmp / "tokenizer.json")
+    (tmp / "clip.json").write_text(json.dumps({"num_attention_heads": 2}))  # weights cannot tell the heads
+    assert run(tmp, "--out", str(tmp / "model"), "--clip", str(tmp / "clip.pt"), "--tokenizer",
+               str(tmp / "tokenizer.json"), "--clip-config", str(tmp / "clip.json")) == 0
+    assert "clip text tower" in capsys.readouterr().out
+    pipe = Text2CTPipeline.from_pretrained(tmp / "model")
+    prompt = ["Findings: Cardiomegaly. Impression: Heart."]
+    ids = tok.encode(prompt)
+    with torch.no_grad():
+        torch.testing.assert_close(pipe.encode_prompts(prompt), encoder.encode_context(ids.input_ids))
+    # a CLIP checkpoint without its tokenizer is refused in one line
+    assert run(tmp, "--out", str(tmp / "m2"), "--clip", str(tmp / "clip.pt")) == 2
+    assert "needs its tokenizer" in capsys.readouterr().err
+    assert not os.path.exists(tmp / "m2")

@@ -58,7 +58,7 @@ def test_sampler_follows_the_scheduler_by_hand():
 def test_bad_arguments_raise_one_line_errors():
     pipe = tiny_pipeline()
     ctx = torch.randn(1, 1, CONTEXT_DIM)
-    with pytest.raises(ValueError, match="divisible by the VAE factor 4"):
+    with pytest.raises(ValueError, match="divisible by 8 \\(VAE x4 times UNet x2"):
         pipe(context=ctx, size=(16, 16, 6))
     with pytest.raises(ValueError, match="spacing"):
         pipe(context=ctx, spacing=(1.0, -1.0, 1.0))

@@ -116,7 +116,7 @@ def build(cls, kwargs: dict, path: str | None):
 
 def convert(unet_path: str, vae_path: str, out: str, unet_config: str | None = None, vae_config: str | None = None,
             scale_factor: float | None = None, clip_path: str | None = None, tokenizer_path: str | None = None,
-            force: bool = False, log=print) -> Text2CTPipeline:
+            clip_config: str | None = None, force: bool = False, log=print) -> Text2CTPipeline:
     """Build the model directory ``out`` from checkpoints; nothing is left behind on error."""
     if os.path.exists(out) and not force:
         raise ConvertError(f"{out} already exists: choose another --out or pass --force to replace it")
@@ -140,9 +140,9 @@ def convert(unet_path: str, vae_path: str, out: str, unet_config: str | None = N
     text_encoder = tokenizer = None
     if clip_path is not None:
         from .text import convert_clip_checkpoint
-        text_encoder, tokenizer, where = convert_clip_checkpoint(load_checkpoint(clip_path), clip_path,
-                                                                 tokenizer_path)
-        log(f"clip text tower from {where} of {clip_path}")
+        text_encoder, tokenizer, what = convert_clip_checkpoint(load_checkpoint(clip_path), clip_path,
+                                                                tokenizer_path, read_config(clip_config) or None)
+        log(f"clip text tower: {what} from {clip_path}")
     pipe = Text2CTPipeline(unet.eval(), vae.eval(), PipelineConfig(scale_factor=scale_factor),
                            text_encoder, tokenizer)
     parent = os.path.dirname(os.path.abspath(out))
@@ -169,11 +169,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--scale-factor", type=float, help="latent scale factor (default: read from the UNet checkpoint)")
     p.add_argument("--clip", help="Text2CT CLIP checkpoint (.pt) holding the text tower")
     p.add_argument("--tokenizer", help="tokenizer.json to ship with the CLIP text tower")
+    p.add_argument("--clip-config", help="JSON file of the text tower's settings (heads, activation; HF names)")
     p.add_argument("--force", action="store_true", help="replace --out if it exists")
     args = p.parse_args(argv)
     try:
         convert(args.unet, args.vae, args.out, args.unet_config, args.vae_config, args.scale_factor,
-                args.clip, args.tokenizer, args.force)
+                args.clip, args.tokenizer, args.clip_config, args.force)
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

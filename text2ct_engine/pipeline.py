@@ -110,10 +110,16 @@ class Text2CTPipeline:
         return self.vae.config.downsample_factor
 
     # ------------------------------------------------------------------ pieces
+    @property
+    def size_multiple(self) -> int:
+        """Output sizes must be multiples of this: the VAE's and the UNet's downsampling together."""
+        return self.vae_factor * 2 ** (len(self.unet.config.num_channels) - 1)
+
     def check_size(self, size: Sequence[int]) -> tuple[int, int, int]:
-        f = self.vae_factor
-        if len(size) != 3 or any(int(s) <= 0 or int(s) % f for s in size):
-            raise ValueError(f"size {tuple(size)} must be three positive numbers divisible by the VAE factor {f}")
+        m, f = self.size_multiple, self.vae_factor
+        if len(size) != 3 or any(int(s) <= 0 or int(s) % m for s in size):
+            raise ValueError(f"size {tuple(size)} must be three positive numbers divisible by {m} "
+                             f"(VAE x{f} times UNet x{m // f} downsampling)")
         return tuple(int(s) for s in size)  # type: ignore[return-value]
 
     @staticmethod

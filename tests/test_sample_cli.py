@@ -1,0 +1,109 @@
+"""python -m text2ct_engine.sample end to end on CPU with a tiny random model directory."""
+import os
+import subprocess
+import sys
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+from text2ct_engine.pipeline import Text2CTPipeline
+from text2ct_engine.sample import main
+
+from tiny_models import tiny_text_pipeline
+
+PROMPT = "Findings: Bilateral pleural effusion. Impression: Pleural effusion."
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("m") / "model"
+    tiny_text_pipeline().save_pretrained(d)
+    return d
+
+
+def sample(model_dir, out, *extra):
+    return main(["--model", str(model_dir), "--out", str(out), "--no-progress", *extra])
+
+
+def test_model_directory_holds_the_text_side(model_dir):
+    assert sorted(os.listdir(model_dir)) == ["clip", "pipeline.json", "tokenizer.json", "unet", "vae"]
+    pipe = Text2CTPipeline.from_pretrained(model_dir)
+    ctx = pipe.encode_prompts([PROMPT, "Findings: Normal. Impression: Normal chest CT."])
+    assert ctx.shape == (2, 1, 16)
+    torch.testing.assert_close(ctx.norm(dim=-1), torch.ones(2, 1))
+    assert not torch.allclose(ctx[0], ctx[1])
+    empty = pipe.encode_prompts(["", PROMPT], allow_empty=True)
+    assert torch.equal(empty[0], torch.zeros(1, 16)) and torch.equal(empty[1], ctx[0])
+
+
+def test_sample_writes_reproducible_nifti_and_preview(model_dir, tmp_path, capsys):
+    out = tmp_path / "ct.nii.gz"
+    assert sample(model_dir, out, "--prompt", PROMPT, "--seed", "4", "--size", "16", "24", "8",
+                  "--spacing", "0.8", "0.8", "2.5", "--preview", str(tmp_path / "ct.png")) == 0
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert last.startswith("done: 1 volume(s) of 16x24x8 in ") and "peak" in last
+    img = nib.load(out)
+    data = np.asarray(img.dataobj)
+    assert data.shape == (16, 24, 8) and data.dtype == np.int16
+    assert data.min() >= -1000 and data.max() <= 1000 and data.std() > 0
+    np.testing.assert_allclose(img.header.get_zooms(), (0.8, 0.8, 2.5), rtol=1e-6)
+    assert (tmp_path / "ct.png").stat().st_size > 0
+    # same seed, same volume; another seed, another volume
+    assert sample(model_dir, tmp_path / "again.nii.gz", "--prompt", PROMPT, "--seed", "4", "--size", "16", "24",
+                  "8", "--spacing", "0.8", "0.8", "2.5") == 0
+    np.testing.assert_array_equal(np.asarray(nib.load(tmp_path / "again.nii.gz").dataobj), data)
+    assert sample(model_dir, tmp_path / "other.nii.gz", "--prompt", PROMPT, "--seed", "5", "--size", "16", "24",
+                  "8", "--spacing", "0.8", "0.8", "2.5") == 0
+    assert not np.array_equal(np.asarray(nib.load(tmp_path / "other.nii.gz").dataobj), data)
+
+
+def test_prompt_file_gives_one_volume_per_prompt(model_dir, tmp_path):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text(f"{PROMPT}\n\nFindings: Cardiomegaly. Impression: Enlarged heart.\n")
+    assert sample(model_dir, tmp_path / "ct.nii.gz", "--prompt-file", str(prompts), "--steps", "2") == 0
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert names == ["ct_000.nii.gz", "ct_001.nii.gz", "prompts.txt"]
+    a, b = (np.asarray(nib.load(tmp_path / n).dataobj) for n in names[:2])
+    assert a.shape == b.shape == (16, 16, 8) and not np.array_equal(a, b)
+
+
+ERRORS = {
+    "no_model": (["--model", "{tmp}/absent", "--prompt", PROMPT], "does not exist"),
+    "not_a_model": (["--model", "{tmp}", "--prompt", PROMPT], "pipeline.json is missing"),
+    "exists": (["--prompt", PROMPT, "--out", "{tmp}/exists.nii.gz"], "already exists"),
+    "unwritable": (["--prompt", PROMPT, "--out", "{tmp}/no/such/dir/ct.nii.gz"], "does not exist"),
+    "bad_size": (["--prompt", PROMPT, "--size", "16", "16", "6"], "divisible by 8 (VAE x4 times UNet x2"),
+    "bad_spacing": (["--prompt", PROMPT, "--spacing", "1", "0", "1"], "spacing"),
+    "empty_file": (["--prompt-file", "{tmp}/empty.txt"], "holds no prompt"),
+    "empty_prompt": (["--prompt", "  "], "prompt is empty"),
+    "no_prompt": ([], "give a prompt"),
+    "bad_extension": (["--prompt", PROMPT, "--out", "{tmp}/ct.mha"], "must end in .nii.gz"),
+}
+
+
+@pytest.mark.parametrize("case", ERRORS)
+def test_errors_are_one_line_and_write_nothing(case, model_dir, tmp_path, capsys):
+    (tmp_path / "empty.txt").write_text("\n  \n")
+    (tmp_path / "exists.nii.gz").write_bytes(b"keep")
+    args, expected = ERRORS[case]
+    args = [a.format(tmp=tmp_path) for a in args]
+    full = ["--model", str(model_dir), "--out", str(tmp_path / "ct.nii.gz"), "--no-progress"]
+    for flag in ("--model", "--out"):  # a case's own --model / --out replaces the default
+        if flag in args:
+            i = full.index(flag)
+            del full[i:i + 2]
+    before = sorted(os.listdir(tmp_path))
+    assert main(full + args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and expected in err[0], err
+    assert sorted(os.listdir(tmp_path)) == before
+    assert (tmp_path / "exists.nii.gz").read_bytes() == b"keep"
+
+
+def test_cli_subprocess_error_has_no_traceback(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "text2ct_engine.sample", "--model", str(tmp_path), "--prompt", "x",
+                        "--out", str(tmp_path / "a.nii.gz")], capture_output=True, text=True)
+    assert r.returncode == 2
+    assert r.stderr.strip().splitlines() == [f"error: {tmp_path} is not a model directory: pipeline.json is missing"]

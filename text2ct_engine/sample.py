@@ -1,0 +1,157 @@
+"""``python -m text2ct_engine.sample``: radiology report in, CT volume (int16 HU NIfTI) out.
+
+    python -m text2ct_engine.sample --model models/text2ct --prompt "Findings: ... Impression: ..." \\
+        --out ct.nii.gz --preview ct.png
+
+Several prompts (``--prompt`` repeated, or ``--prompt-file`` with one prompt per line) give one volume
+each: ``ct.nii.gz`` becomes ``ct_000.nii.gz``, ``ct_001.nii.gz``, ... Prompt i uses seed ``--seed + i``.
+Every problem found in the arguments is reported in one line before any sampling, and nothing is written.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import resource
+import sys
+import time
+import warnings
+
+import torch
+
+from .pipeline import Text2CTPipeline, resolve_device
+from .volume_io import check_writable, save_nifti, save_preview
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def numbered(path: str, i: int, n: int) -> str:
+    """``ct.nii.gz`` -> ``ct_003.nii.gz`` when there are several outputs."""
+    if n == 1:
+        return path
+    for ext in (".nii.gz", ".nii", ".png"):
+        if path.endswith(ext):
+            return f"{path[:-len(ext)]}_{i:03d}{ext}"
+    return f"{path}_{i:03d}"
+
+
+def read_prompts(args: argparse.Namespace) -> list[str]:
+    prompts = list(args.prompt or [])
+    if args.prompt_file:
+        try:
+            with open(args.prompt_file, encoding="utf-8") as f:
+                from_file = [line.strip() for line in f if line.strip()]
+        except OSError as err:
+            raise ValueError(f"cannot read --prompt-file {args.prompt_file}: {err.strerror}") from None
+        except UnicodeDecodeError:
+            raise ValueError(f"--prompt-file {args.prompt_file} is not UTF-8 text") from None
+        if not from_file:
+            raise ValueError(f"--prompt-file {args.prompt_file} holds no prompt (one prompt per line)")
+        prompts += from_file
+    if not prompts:
+        raise ValueError("give a prompt with --prompt TEXT or --prompt-file FILE")
+    if any(not p.strip() for p in prompts) and not args.unconditional:
+        raise ValueError("a prompt is empty: write a report, or pass --unconditional to sample without text")
+    return prompts
+
+
+def peak_memory() -> str:
+    if torch.cuda.is_available() and torch.cuda.max_memory_allocated() > 0:
+        return f"peak GPU memory {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB"
+    return f"peak RAM {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB"
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m text2ct_engine.sample", description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", required=True, help="model directory (pipeline.json, unet/, vae/, clip/, tokenizer.json)")
+    p.add_argument("--prompt", action="append", help="report text; repeat for several volumes")
+    p.add_argument("--prompt-file", help="UTF-8 file with one prompt per line")
+    p.add_argument("--out", required=True, help="output .nii.gz (numbered when several prompts)")
+    p.add_argument("--steps", type=int, help="sampling steps (default: the model's, 30 for Text2CT)")
+    p.add_argument("--guidance", type=float, help="classifier-free guidance scale (default: the model's, 5)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the first prompt; prompt i uses seed + i")
+    p.add_argument("--size", type=int, nargs=3, metavar=("X", "Y", "Z"), help="output voxels (default: model's)")
+    p.add_argument("--spacing", type=float, nargs=3, metavar=("SX", "SY", "SZ"), help="mm per voxel")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--dtype", choices=sorted(DTYPES), help="default: bfloat16 on CUDA, float32 on CPU")
+    p.add_argument("--decode-slab", default="auto",
+                   help="rows per slab of the exact tiled VAE decode, 0 for no tiling, auto (default)")
+    p.add_argument("--preview", help="also write a PNG montage of the mid-slices")
+    p.add_argument("--unconditional", action="store_true", help="allow empty prompts (unconditional samples)")
+    p.add_argument("--force", action="store_true", help="overwrite existing outputs")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return p.parse_args(argv)
+
+
+def check_outputs(args: argparse.Namespace, n: int) -> list[tuple[str, str | None]]:
+    if not (args.out.endswith(".nii.gz") or args.out.endswith(".nii")):
+        raise ValueError(f"--out {args.out} must end in .nii.gz or .nii")
+    if args.preview and not args.preview.endswith(".png"):
+        raise ValueError(f"--preview {args.preview} must end in .png")
+    outs = []
+    for i in range(n):
+        nii = check_writable(numbered(args.out, i, n), args.force)
+        png = check_writable(numbered(args.preview, i, n), args.force) if args.preview else None
+        outs.append((nii, png))
+    return outs
+
+
+def run(args: argparse.Namespace) -> None:
+    start = time.perf_counter()
+    prompts = read_prompts(args)
+    outputs = check_outputs(args, len(prompts))
+    if args.steps is not None and args.steps < 1:
+        raise ValueError(f"--steps must be at least 1, got {args.steps}")
+    slab = None if args.decode_slab == "0" else args.decode_slab
+    if slab not in (None, "auto"):
+        if not slab.isdigit():
+            raise ValueError(f"--decode-slab must be a positive number of rows, 0 or auto, got {slab}")
+        slab = int(slab)
+    try:
+        device = resolve_device(args.device)
+    except RuntimeError:
+        raise ValueError(f"--device {args.device} is not a device name (auto, cpu, cuda, cuda:N)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda asked for, but no CUDA GPU is available here: use --device cpu")
+    dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    pipe = Text2CTPipeline.from_pretrained(args.model, device=device, dtype=dtype)
+    size = pipe.check_size(args.size or pipe.config.size)
+    spacing = pipe.check_spacing(args.spacing or pipe.config.spacing)
+    steps = args.steps or pipe.config.steps
+    bar = None
+    if not args.no_progress:
+        from tqdm import tqdm
+        bar = tqdm(total=steps * len(prompts), unit="step", desc="sampling")
+    for i, (prompt, (nii, png)) in enumerate(zip(prompts, outputs)):
+        volume = pipe(prompt, steps=steps, guidance=args.guidance, seed=args.seed + i, size=size,
+                      spacing=spacing, allow_empty=args.unconditional, decode_slab=slab,
+                      progress=(lambda *_: bar.update(1)) if bar is not None else None)[0]
+        save_nifti(volume, spacing, nii, overwrite=args.force)
+        if png:
+            save_preview(volume, spacing, png, overwrite=args.force, window=tuple(pipe.config.hu_window))
+        if bar is not None:
+            bar.write(f"wrote {nii}" + (f" and {png}" if png else ""))
+        else:
+            print(f"wrote {nii}" + (f" and {png}" if png else ""))
+    if bar is not None:
+        bar.close()
+    print(f"done: {len(prompts)} volume(s) of {size[0]}x{size[1]}x{size[2]} in "
+          f"{time.perf_counter() - start:.1f} s on {device}, {peak_memory()}")
+
+
+def _warn_in_one_line(message, category, *_args, **_kwargs) -> None:
+    print(f"warning: {message}", file=sys.stderr)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    warnings.showwarning = _warn_in_one_line
+    try:
+        run(args)
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
