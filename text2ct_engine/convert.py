@@ -20,6 +20,7 @@ import tempfile
 
 import torch
 
+from .cli import run_guarded
 from .models import AutoencoderKL, DiffusionUNet
 from .pipeline import PipelineConfig, Text2CTPipeline
 
@@ -172,13 +173,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--clip-config", help="JSON file of the text tower's settings (heads, activation; HF names)")
     p.add_argument("--force", action="store_true", help="replace --out if it exists")
     args = p.parse_args(argv)
-    try:
-        convert(args.unet, args.vae, args.out, args.unet_config, args.vae_config, args.scale_factor,
-                args.clip, args.tokenizer, args.clip_config, args.force)
-    except ValueError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    return 0
+    return run_guarded(lambda: convert(args.unet, args.vae, args.out, args.unet_config, args.vae_config,
+                                       args.scale_factor, args.clip, args.tokenizer, args.clip_config, args.force))
 
 
 if __name__ == "__main__":

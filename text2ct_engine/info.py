@@ -10,6 +10,7 @@ import sys
 import torch
 
 from . import __version__, ops
+from .cli import run_guarded
 
 
 def package_version(name: str) -> str:
@@ -62,12 +63,7 @@ def report() -> str:
 
 
 def main() -> int:
-    try:
-        print(report())
-    except ValueError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    return 0
+    return run_guarded(lambda: print(report()))
 
 
 if __name__ == "__main__":

@@ -14,10 +14,10 @@ import os
 import resource
 import sys
 import time
-import warnings
 
 import torch
 
+from .cli import run_guarded
 from .pipeline import Text2CTPipeline, resolve_device
 from .volume_io import check_writable, save_nifti, save_preview
 
@@ -138,19 +138,9 @@ def run(args: argparse.Namespace) -> None:
           f"{time.perf_counter() - start:.1f} s on {device}, {peak_memory()}")
 
 
-def _warn_in_one_line(message, category, *_args, **_kwargs) -> None:
-    print(f"warning: {message}", file=sys.stderr)
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    warnings.showwarning = _warn_in_one_line
-    try:
-        run(args)
-    except ValueError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    return 0
+    return run_guarded(lambda: run(args))
 
 
 if __name__ == "__main__":
