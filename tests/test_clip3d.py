@@ -47,9 +47,9 @@ def test_vit_attention_goes_through_ops(monkeypatch):
     calls = []
     real = ops.attention
 
-    def spy(q, k, v, key_padding_mask=None):
+    def spy(q, k, v, key_padding_mask=None, is_causal=False):
         calls.append(tuple(q.shape))
-        return real(q, k, v, key_padding_mask)
+        return real(q, k, v, key_padding_mask, is_causal=is_causal)
 
     monkeypatch.setattr(ops, "attention", spy)
     CLIPVisionModel3D(vision_config())(torch.randn(2, 1, 8, 16, 16))

@@ -187,3 +187,19 @@ def test_bare_hf_text_model_directory_loads_without_projection(tmp_path, monkeyp
     with torch.no_grad():
         torch.testing.assert_close(ours.encode(ids), F.normalize(hf(input_ids=ids).pooler_output, dim=-1),
                                    atol=2e-5, rtol=1e-4)
+
+
+def test_text_tower_attention_goes_through_ops(monkeypatch):
+    from text2ct_engine import ops
+    calls = []
+    real = ops.attention
+
+    def spy(q, k, v, key_padding_mask=None, is_causal=False):
+        calls.append(is_causal)
+        return real(q, k, v, key_padding_mask, is_causal=is_causal)
+
+    monkeypatch.setattr(ops, "attention", spy)
+    cfg = CLIPTextConfig(vocab_size=50, max_position_embeddings=12, hidden_size=16, num_hidden_layers=2,
+                         num_attention_heads=2, intermediate_size=32, projection_dim=8)
+    CLIPTextModelWithProjection(cfg).encode(torch.randint(0, 50, (2, 12)))
+    assert calls == [True, True]

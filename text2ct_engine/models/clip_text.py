@@ -115,28 +115,8 @@ class CLIPTextConfig:
 # --------------------------------------------------------------------------------------------- layers
 
 
-def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                     key_padding_mask: torch.Tensor | None = None) -> torch.Tensor:
-    """Causal softmax(q k^T / sqrt(D)) v, q/k/v (B, H, N, D), ``key_padding_mask`` (B, N) bool, True = attend.
-
-    ``text2ct_engine.ops.attention`` is non-causal by contract (DESIGN section 4) and a causal mask is per
-    query, which its per-key ``key_padding_mask`` cannot express; so this one call uses torch's
-    ``scaled_dot_product_attention`` directly. Proposed: ``ops.attention(..., is_causal=True)``, after which
-    this function becomes a one-line forward to it. Text sequences are short (<= 512), so this is not a
-    memory concern. A query whose every key is masked (left padding) attends to itself only, instead of NaN.
-    """
-    if key_padding_mask is None:
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
-    n = q.shape[2]
-    causal = torch.ones(n, n, dtype=torch.bool, device=q.device).tril()
-    mask = causal[None] & key_padding_mask[:, None, :]  # (B, Nq, Nk)
-    empty = ~mask.any(dim=-1, keepdim=True)
-    mask = mask | (empty & torch.eye(n, dtype=torch.bool, device=q.device))
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None])
-
-
 class CLIPAttention(nn.Module):
-    """Multi-head self-attention with HF's ``{q,k,v,out}_proj`` names; causal or through ``ops.attention``."""
+    """Multi-head self-attention with HF's ``{q,k,v,out}_proj`` names, causal or not, on ``ops.attention``."""
 
     def __init__(self, hidden_size: int, num_heads: int, causal: bool) -> None:
         super().__init__()
@@ -152,10 +132,7 @@ class CLIPAttention(nn.Module):
         b, n, c = x.shape
         q, k, v = (proj(x).view(b, n, self.num_heads, self.head_dim).transpose(1, 2)
                    for proj in (self.q_proj, self.k_proj, self.v_proj))
-        if self.causal:
-            out = causal_attention(q, k, v, key_padding_mask)
-        else:
-            out = ops.attention(q, k, v, key_padding_mask)
+        out = ops.attention(q, k, v, key_padding_mask, is_causal=self.causal)
         return self.out_proj(out.transpose(1, 2).reshape(b, n, c))
 
 

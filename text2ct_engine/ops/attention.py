@@ -9,13 +9,14 @@ Backends (see ``choose_attention_backend``):
     call traces under ``torch.compile`` and runs on fake CUDA tensors in ``FakeTensorMode``. Head sizes
     16/32/64/128, fp16/bf16/fp32. On CPU tensors it needs ``TRITON_INTERPRET=1``.
   * ``torch``: ``F.scaled_dot_product_attention`` (PyTorch picks flash/efficient/cuDNN/math itself).
-  * ``xformers``: ``xformers.ops.memory_efficient_attention``, CUDA only, optional, never without a mask.
+  * ``xformers``: ``xformers.ops.memory_efficient_attention``, CUDA only, optional, only without a mask.
 
-Choice, first match wins: ``with ops.backend(name)`` > ``TEXT2CT_ATTENTION`` (auto|triton|torch|xformers,
+Choice, first match wins: ``with ops.backend(name)`` > ``TEXT2CT_ATTENTION`` (auto|triton|torch=sdpa|xformers,
 attention only) > ``TEXT2CT_BACKEND`` > auto. ``cpp`` means torch here. ``auto`` on CUDA tensors: Triton
 when it can serve the call, else xformers when installed and no mask is given, else torch; an unsupported
 head size or dtype falls back with a one-time notice. On CPU tensors auto is torch. A forced backend that
-cannot serve the call raises ``ValueError`` (forced ``xformers`` with a mask falls back to torch).
+cannot serve the call makes ``attention`` raise ``ValueError`` (forced ``xformers`` with a mask falls back to
+torch with a notice); ``choose_attention_backend`` only reports it.
 """
 from __future__ import annotations
 
@@ -62,14 +63,16 @@ def validate_attention(q, k, v, key_padding_mask) -> None:
 # ----------------------------------------------------------------------------------------- torch path
 
 def attention_torch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                    key_padding_mask: torch.Tensor | None = None) -> torch.Tensor:
-    """Reference path: ``F.scaled_dot_product_attention``, fully masked batches set to zero."""
+                    key_padding_mask: torch.Tensor | None = None, is_causal: bool = False) -> torch.Tensor:
+    """Reference path: ``F.scaled_dot_product_attention``; query rows with no key to attend set to zero."""
     if key_padding_mask is None:
-        return F.scaled_dot_product_attention(q, k, v)
-    empty = ~key_padding_mask.any(dim=1)  # batches whose every key is masked: softmax would give NaN
-    mask = key_padding_mask | empty[:, None]
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None, None, :])
-    return out.masked_fill(empty[:, None, None, None], 0.0)
+        return F.scaled_dot_product_attention(q, k, v, is_causal=is_causal)
+    mask = key_padding_mask[:, None, :]  # (B, 1 or Nq, Nk)
+    if is_causal:
+        mask = mask & torch.ones(q.shape[2], k.shape[2], dtype=torch.bool, device=q.device).tril()
+    empty = ~mask.any(dim=-1, keepdim=True)  # rows whose every key is masked: softmax would give NaN
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=(mask | empty)[:, None])
+    return out.masked_fill(empty[:, None], 0.0)
 
 
 def attention_xformers(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -173,49 +176,63 @@ def _triton_blocker(q: torch.Tensor) -> str | None:
     return None
 
 
-def _choose(q: torch.Tensor, key_padding_mask: torch.Tensor | None) -> tuple[str, str, bool]:
-    """(backend, reason, fell_back): fell_back is True when a wanted backend could not serve the call."""
+def _choose(q: torch.Tensor, key_padding_mask: torch.Tensor | None) -> tuple[str, str, str]:
+    """(backend, reason, status); status is "ok", "fallback" (a wanted backend could not serve the call,
+    worth a notice) or "error" (a forced backend cannot run it: ``attention`` raises ``ValueError``)."""
     asked, source = _attention_request()
     if asked == "cpp":
-        return "torch", f"forced cpp by {source}: attention's CPU path is torch scaled_dot_product_attention", False
+        return "torch", f"forced cpp by {source}: attention's CPU path is torch scaled_dot_product_attention", "ok"
     if asked == "torch":
-        return "torch", f"forced torch by {source}", False
+        return "torch", f"forced torch by {source}", "ok"
     if asked == "triton":
         blocker = _triton_blocker(q)
         if blocker is not None:
-            raise ValueError(f"attention: triton was forced by {source} but cannot run this call: {blocker}")
-        return "triton", f"forced triton by {source}", False
+            return "triton", f"triton was forced by {source} but cannot run this call: {blocker}", "error"
+        return "triton", f"forced triton by {source}", "ok"
     if asked == "xformers":
         if not xformers_available():
-            raise ValueError(f"attention: xformers was forced by {source} but is not installed")
+            return "xformers", f"xformers was forced by {source} but is not installed", "error"
         if q.device.type != "cuda":
-            raise ValueError(f"attention: xformers was forced by {source} but needs CUDA tensors, got {q.device}")
+            return "xformers", f"xformers was forced by {source} but needs CUDA tensors, got {q.device}", "error"
         if key_padding_mask is not None:
-            return "torch", "xformers path takes no key_padding_mask: torch scaled_dot_product_attention", True
-        return "xformers", f"forced xformers by {source}", False
+            return "torch", "xformers path takes no key_padding_mask: torch scaled_dot_product_attention", "fallback"
+        return "xformers", f"forced xformers by {source}", "ok"
     if q.device.type != "cuda":
-        return "torch", "auto: torch scaled_dot_product_attention on non-CUDA tensors", False
+        return "torch", "auto: torch scaled_dot_product_attention on non-CUDA tensors", "ok"
     blocker = _triton_blocker(q)
     if blocker is None:
-        return "triton", "auto: fused Triton attention on CUDA tensors", False
+        return "triton", "auto: fused Triton attention on CUDA tensors", "ok"
     if xformers_available() and key_padding_mask is None:
-        return "xformers", f"auto: xformers memory_efficient_attention because {blocker}", True
-    return "torch", f"auto: torch scaled_dot_product_attention because {blocker}", True
+        return "xformers", f"auto: xformers memory_efficient_attention because {blocker}", "fallback"
+    return "torch", f"auto: torch scaled_dot_product_attention because {blocker}", "fallback"
 
 
 def choose_attention_backend(q: torch.Tensor, key_padding_mask: torch.Tensor | None = None
                              ) -> tuple[str, str]:
-    """(backend, reason) that ``attention`` uses for this tensor right now: triton, torch or xformers."""
+    """(backend, reason) that ``attention`` uses for this tensor right now: triton, torch or xformers.
+
+    Never raises for a forced backend that cannot run (the reason says so; ``attention`` raises then).
+    """
     name, reason, _ = _choose(q, key_padding_mask)
     return name, reason
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-              key_padding_mask: torch.Tensor | None = None) -> torch.Tensor:
-    """Softmax(q k^T / sqrt(D)) v over the keys that ``key_padding_mask`` keeps."""
+              key_padding_mask: torch.Tensor | None = None, is_causal: bool = False) -> torch.Tensor:
+    """Softmax(q k^T / sqrt(D)) v over the keys that ``key_padding_mask`` keeps.
+
+    ``is_causal``: query i attends to keys 0..i only (the CLIP text tower). The fused kernels are
+    non-causal, so causal calls, short text sequences, always take torch's scaled_dot_product_attention.
+    """
     validate_attention(q, k, v, key_padding_mask)
-    name, reason, fell_back = _choose(q, key_padding_mask)
-    if fell_back:
+    if is_causal:
+        if q.shape[2] != k.shape[2]:
+            raise ValueError(f"attention: is_causal needs as many queries as keys, got {q.shape[2]} and {k.shape[2]}")
+        return attention_torch(q, k, v, key_padding_mask, is_causal=True)
+    name, reason, status = _choose(q, key_padding_mask)
+    if status == "error":
+        raise ValueError(f"attention: {reason}")
+    if status == "fallback":
         _notice(reason, f"text2ct attention: {reason} (shown once)")
     if name == "triton":
         return attention_triton(q, k, v, key_padding_mask)

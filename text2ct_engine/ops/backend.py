@@ -13,6 +13,8 @@ import importlib.util
 import os
 from typing import Iterator
 
+import torch
+
 BACKENDS = ("auto", "triton", "torch", "cpp")
 _override: contextvars.ContextVar[str | None] = contextvars.ContextVar("text2ct_backend", default=None)
 
@@ -23,8 +25,13 @@ def _check(name: str, source: str) -> str:
     return name
 
 
+@torch.compiler.assume_constant_result
 def requested_backend() -> str:
-    """The backend asked for right now (before ``auto`` is resolved for a tensor)."""
+    """The backend asked for right now (before ``auto`` is resolved for a tensor).
+
+    Dynamo cannot trace ``ContextVar.get``: under ``torch.compile`` this runs once at trace time and its
+    answer is baked into the graph (recompile after switching backends).
+    """
     name = _override.get()
     if name is not None:
         return name
