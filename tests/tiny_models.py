@@ -42,9 +42,9 @@ REPORTS = [
 def tiny_text_side():
     from text2ct_engine.models import CLIPTextConfig, CLIPTextModelWithProjection
     from text2ct_engine.tokenizer import CLIPTokenizer
-    tok = CLIPTokenizer.train(REPORTS, vocab_size=300, min_frequency=1, context_length=24)
+    tok = CLIPTokenizer.train(REPORTS, vocab_size=300, min_frequency=1, context_length=64)
     torch.manual_seed(3)
-    cfg = CLIPTextConfig(vocab_size=tok.vocab_size, max_position_embeddings=24, hidden_size=16,
+    cfg = CLIPTextConfig(vocab_size=tok.vocab_size, max_position_embeddings=64, hidden_size=16,
                          num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
                          projection_dim=CONTEXT_DIM, bos_token_id=tok.bos_id, eos_token_id=tok.eos_id,
                          pad_token_id=tok.pad_id)

@@ -1,0 +1,158 @@
+"""Train the diffusion UNet on cached VAE latents with rectified flow, as Text2CT does.
+
+Per step: latents x0 (scaled by ``scale_factor``), noise n, t from the scheduler's (shifted) training
+distribution, x_t = (1 - t/T) x0 + (t/T) n; the UNet predicts the velocity x0 - n from x_t, t, the CLIP text
+context (zeroed with probability ``cond_drop_prob`` so classifier-free guidance has an unconditional model),
+the CT class and the spacing; the loss is L1. Memory: gradient checkpointing in every ResBlock and attention
+block, bf16 autocast on CUDA, and the frozen text tower run without gradients.
+"""
+from __future__ import annotations
+
+import math
+import os
+import time
+from dataclasses import asdict, dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset
+
+from ..pipeline import Text2CTPipeline
+from ..schedulers import RFlowScheduler
+from .common import EMA, LossLog, load_training_state, save_training_state
+
+
+@dataclass
+class LDMTrainConfig:
+    steps: int = 10000
+    batch_size: int = 1
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    warmup_steps: int = 100
+    cond_drop_prob: float = 0.1
+    grad_clip: float = 1.0
+    ema_decay: float | None = 0.999
+    gradient_checkpointing: bool = True
+    mixed_precision: str = "auto"  # "auto" (bf16 on CUDA, off on CPU), "bf16" or "no"
+    log_every: int = 10
+    save_every: int = 500
+    seed: int = 0
+    num_workers: int = 0
+
+    def validate(self) -> None:
+        if self.steps < 1 or self.batch_size < 1:
+            raise ValueError("steps and batch_size must be at least 1")
+        if not 0.0 <= self.cond_drop_prob <= 1.0:
+            raise ValueError(f"cond_drop_prob must lie in [0, 1], got {self.cond_drop_prob}")
+        if self.mixed_precision not in ("auto", "bf16", "no"):
+            raise ValueError(f"mixed_precision must be auto, bf16 or no, got {self.mixed_precision!r}")
+
+
+def compute_scale_factor(latents: torch.Tensor) -> float:
+    """1 / std of (a sample of) the training latents, so scaled latents have unit variance."""
+    std = latents.float().std().item()
+    if not math.isfinite(std) or std <= 0:
+        raise ValueError("latents have no spread: cannot compute a scale factor")
+    return 1.0 / std
+
+
+def ldm_loss(pipe: Text2CTPipeline, x0: torch.Tensor, context: torch.Tensor, spacing: torch.Tensor,
+             generator: torch.Generator, cond_drop_prob: float, autocast: bool) -> torch.Tensor:
+    """One rectified-flow L1 loss on scaled latents ``x0`` (B, C, x, y, z)."""
+    sched = pipe.scheduler
+    if not isinstance(sched, RFlowScheduler):
+        raise ValueError("training supports the rectified-flow scheduler only")
+    b = x0.shape[0]
+    noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+    t = sched.sample_timesteps(x0, generator=generator)
+    drop = torch.rand(b, generator=generator, device=x0.device) < cond_drop_prob
+    context = context.masked_fill(drop[:, None, None], 0.0)
+    xt = sched.add_noise(x0, noise, t)
+    extra = {}
+    unet = pipe.unet
+    if unet.config.num_class_embeds is not None and pipe.config.class_label is not None:
+        extra["class_labels"] = torch.full((b,), pipe.config.class_label, dtype=torch.long, device=x0.device)
+    if unet.config.include_spacing_input:
+        extra["spacing_tensor"] = spacing.to(x0.device, x0.dtype) * pipe.config.spacing_scale
+    with torch.autocast(x0.device.type, dtype=torch.bfloat16, enabled=autocast):
+        v = unet(xt, t.to(x0.dtype), context=context, **extra)
+    return F.l1_loss(v.float(), sched.velocity_target(x0, noise).float())
+
+
+def train_ldm(pipe: Text2CTPipeline, dataset: Dataset, cfg: LDMTrainConfig, out_dir: str,
+              resume: bool = False, log: Callable[[str], None] = print) -> LossLog:
+    """Train ``pipe.unet`` on ``dataset`` items ``{"latent", "text" or "context", "spacing"}``.
+
+    ``out_dir/checkpoint`` holds the resumable state (every ``save_every`` steps and at the end),
+    ``out_dir/model`` the finished model directory (EMA weights when kept), ``out_dir/loss.jsonl`` the log.
+    """
+    cfg.validate()
+    ckpt_dir, model_dir = os.path.join(out_dir, "checkpoint"), os.path.join(out_dir, "model")
+    if os.path.exists(ckpt_dir) and not resume:
+        raise ValueError(f"{out_dir} already holds a training run: pass --resume to continue it, or pick "
+                         f"another --out")
+    os.makedirs(out_dir, exist_ok=True)
+    device, unet = pipe.device, pipe.unet
+    autocast = cfg.mixed_precision == "bf16" or (cfg.mixed_precision == "auto" and device.type == "cuda")
+    unet.train()
+    unet.set_gradient_checkpointing(cfg.gradient_checkpointing)
+    for frozen in (pipe.vae, pipe.text_encoder):
+        if frozen is not None:
+            frozen.eval().requires_grad_(False)
+    optimizer = torch.optim.AdamW(unet.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / max(1, cfg.warmup_steps)))
+    ema = EMA(unet, cfg.ema_decay) if cfg.ema_decay else None
+    step = 0
+    if resume and os.path.exists(ckpt_dir):
+        step = int(load_training_state(ckpt_dir, unet, optimizer, ema)["step"])
+        schedule.last_epoch = step - 1
+        log(f"resumed at step {step} from {ckpt_dir}")
+    losses = LossLog(os.path.join(out_dir, "loss.jsonl"))
+    per_epoch = len(dataset) // cfg.batch_size
+    if per_epoch == 0:
+        raise ValueError(f"the data set has {len(dataset)} items, fewer than one batch of {cfg.batch_size}")
+    start = time.perf_counter()
+    while step < cfg.steps:
+        epoch, skip = divmod(step, per_epoch)
+        loader = DataLoader(dataset, batch_size=cfg.batch_size, shuffle=True, drop_last=True,
+                            num_workers=cfg.num_workers, generator=torch.Generator().manual_seed(cfg.seed + epoch))
+        for i, batch in enumerate(loader):
+            if i < skip:
+                continue  # resuming mid-epoch: same order, skip what was already seen
+            gen = torch.Generator(device=device).manual_seed(cfg.seed * 1_000_003 + step)
+            x0 = batch["latent"].to(device, torch.float32) * pipe.config.scale_factor
+            if "context" in batch:  # precomputed text contexts
+                context = batch["context"].to(device)
+            else:
+                with torch.no_grad():
+                    context = pipe.encode_prompts(list(batch["text"]), allow_empty=True)
+            loss = ldm_loss(pipe, x0, context.float(), batch["spacing"].float(), gen, cfg.cond_drop_prob,
+                            autocast)
+            if not torch.isfinite(loss):
+                raise ValueError(f"the loss became {loss.item()} at step {step}: lower --lr, or check the data")
+            loss.backward()
+            norm = torch.nn.utils.clip_grad_norm_(unet.parameters(), cfg.grad_clip)
+            optimizer.step()
+            schedule.step()
+            optimizer.zero_grad(set_to_none=True)
+            if ema is not None:
+                ema.update(unet)
+            step += 1
+            if step % cfg.log_every == 0 or step == cfg.steps:
+                losses.log(step=step, loss=loss.item(), grad_norm=float(norm), lr=schedule.get_last_lr()[0],
+                           seconds=round(time.perf_counter() - start, 2))
+                log(f"step {step}/{cfg.steps} loss {loss.item():.4f} grad {float(norm):.3f}")
+            if step % cfg.save_every == 0 or step == cfg.steps:
+                save_training_state(ckpt_dir, step, unet, optimizer, ema, {"config": asdict(cfg)})
+            if step >= cfg.steps:
+                break
+    unet.eval()
+    unet.set_gradient_checkpointing(False)
+    if ema is not None:
+        with ema.applied(unet):
+            pipe.save_pretrained(model_dir)
+    else:
+        pipe.save_pretrained(model_dir)
+    log(f"wrote {model_dir}")
+    return losses
