@@ -80,10 +80,9 @@ class SlabDecoder:
         total = torch.zeros(n, groups, dtype=torch.float64, device=self.compute)
         total_sq = torch.zeros_like(total)
         for lo in range(0, length, self.slab):
-            chunk = x[:, :, lo:lo + self.slab].to(self.compute, non_blocking=True)
-            chunk = chunk.reshape(n, groups, -1).double()
-            total += chunk.sum(-1)
-            total_sq += chunk.square().sum(-1)
+            chunk = x[:, :, lo:lo + self.slab].to(self.compute, non_blocking=True).reshape(n, groups, -1)
+            total += chunk.sum(-1, dtype=torch.float64)  # accumulate in float64 without a float64 copy
+            total_sq += torch.linalg.vector_norm(chunk, dim=-1, dtype=torch.float64).square()
         count = x[0].numel() / groups
         mean = total / count
         var = (total_sq / count - mean.square()).clamp_min(0)
@@ -93,9 +92,11 @@ class SlabDecoder:
     def normalize(chunk: torch.Tensor, norm: GroupNorm, mean: torch.Tensor, rstd: torch.Tensor) -> torch.Tensor:
         n, c = chunk.shape[:2]
         g = norm.num_groups
-        y = (chunk.float().reshape(n, g, c // g, -1) - mean[:, :, None, None]) * rstd[:, :, None, None]
-        y = y.reshape(chunk.shape) * norm.weight.float().reshape(1, c, 1, 1, 1) + \
-            norm.bias.float().reshape(1, c, 1, 1, 1)
+        # one float32 working copy, normalised in place (the chunk may be a view of the stored tensor)
+        y = chunk.to(torch.float32, copy=True)
+        grouped = y.view(n, g, c // g, -1)
+        grouped.sub_(mean[:, :, None, None]).mul_(rstd[:, :, None, None])
+        y.mul_(norm.weight.float().reshape(1, c, 1, 1, 1)).add_(norm.bias.float().reshape(1, c, 1, 1, 1))
         return y.to(chunk.dtype)
 
     def stats_for(self, x: torch.Tensor, norm: GroupNorm) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,0 +1,130 @@
+"""The memory planner: fake-tensor plans equal real measurements, and the memory savers save memory."""
+import json
+from functools import partial
+
+import pytest
+import torch
+
+from text2ct_engine.memory import (MemoryTracker, Setup, decode_step, main, run_phase, sampling_step, track,
+                                   training_step)
+
+# Tiny networks of the Text2CT layout; head size 16 so the Triton attention op (16/32/64/128) serves them.
+UNET = dict(num_channels=[16, 32], attention_levels=[False, True], num_head_channels=[0, 16], num_res_blocks=1,
+            norm_num_groups=8, cross_attention_dim=16)
+VAE = dict(num_channels=[8, 8, 16], num_res_blocks=[1, 1, 1], attention_levels=[False] * 3, norm_num_groups=4,
+           latent_channels=4)
+
+
+def tiny(**kwargs) -> Setup:
+    return Setup(UNET, VAE, **{"volume": (32, 32, 16), "slab": 4, **kwargs})
+
+
+WORKLOADS = {  # train_ckpt runs every op of train, and the recomputation on top
+    "sample": sampling_step,
+    "decode": decode_step,
+    "decode_tiled": partial(decode_step, slab=4),
+    "train_ckpt": partial(training_step, checkpointing=True),
+}
+
+
+@pytest.mark.parametrize("name", list(WORKLOADS))
+def test_fake_plan_equals_real_cpu_run(name):
+    """Same tracker, same workload: fake tensors give exactly the bytes real CPU tensors take."""
+    s = tiny(dtype=torch.float32, device="cpu", host="cpu", ema=True)
+    fake = track(WORKLOADS[name], s, *s.networks(), fake=True, backend="torch")
+    real = track(WORKLOADS[name], s, *s.networks(), fake=False, backend="torch")
+    assert fake.peak["cpu"] > 0
+    assert fake.peak == real.peak
+    f, r = fake.peak_at["cpu"], real.peak_at["cpu"]
+    assert (f.op, f.module, f.backward, f.source) == (r.op, r.module, r.backward, r.source)
+    assert fake.live == real.live == {"cpu": 0}  # every storage freed again, in both runs
+
+
+@pytest.fixture(scope="module")
+def planned():
+    """Planner phases (fake meta device, Triton custom ops) on shapes where activations dominate."""
+    train, decode = tiny(volume=(128, 128, 64)), tiny(volume=(64, 64, 32), slab=2)
+    return {
+        "train": run_phase("train", "train", training_step, train),
+        "train_ckpt": run_phase("train_ckpt", "ckpt", partial(training_step, checkpointing=True), train),
+        "decode_untiled": run_phase("decode_untiled", "untiled", decode_step, decode),
+        "decode_tiled": run_phase("decode_tiled", "tiled", partial(decode_step, slab=2), decode),
+    }
+
+
+def test_plan_runs_the_triton_custom_ops_fake_impls(planned):
+    """Planning on the fake meta device uses the GPU kernels' fake impls, not the torch fallback."""
+    for phase in planned.values():
+        assert phase.backend == "triton", phase.notes
+        assert phase.device_bytes > 0
+
+
+def test_gradient_checkpointing_lowers_the_training_peak(planned):
+    assert planned["train_ckpt"].device_bytes < 0.8 * planned["train"].device_bytes
+    assert planned["train"].host_bytes == planned["train_ckpt"].host_bytes == 0
+
+
+def test_tiled_decode_lowers_the_device_peak(planned):
+    untiled, tiled = planned["decode_untiled"], planned["decode_tiled"]
+    assert tiled.device_bytes < 0.5 * untiled.device_bytes
+    assert tiled.host_bytes > untiled.host_bytes  # the activations moved to the host
+
+
+def test_tracker_counts_each_storage_once_until_freed():
+    before = torch.ones(100)
+    with MemoryTracker(block=1) as t:
+        t.add(before)  # made before the tracker: counted only when added
+        a = torch.empty(1000)
+        view = a[10:]
+        b = a * 2
+        del b
+        c = torch.empty(10)
+    assert t.peak["cpu"] == 400 + 4000 + 4000
+    assert t.live["cpu"] == 400 + 4000 + 40
+    # a free between ops shows at the next op
+    assert [bytes_ for _, _, bytes_ in t.timeline][-3:] == [400 + 4000, 400 + 8000, 400 + 4040]
+    del view, a, c
+    assert t.live["cpu"] == 400
+
+
+def test_tracker_rounds_like_the_cuda_allocator():
+    with MemoryTracker() as t:
+        x = torch.empty(10)  # 40 bytes -> one 512-byte block
+        y = torch.empty(129)  # 516 bytes -> two blocks
+    assert t.peak["cpu"] == 512 + 1024
+    del x, y
+
+
+def test_cli_prints_the_table_and_writes_json(tmp_path, capsys):
+    unet, vae, out = tmp_path / "unet.json", tmp_path / "vae.json", tmp_path / "plan.json"
+    unet.write_text(json.dumps(UNET))
+    vae.write_text(json.dumps(VAE))
+    rc = main(["--unet-config", str(unet), "--vae-config", str(vae), "--volume", "32", "32", "16", "--slab", "4",
+               "--what", "sample", "--json", str(out)])
+    text = capsys.readouterr().out
+    assert rc == 0
+    assert "device peak GiB" in text and "not measured on a GPU" in text and "tiled decode" in text
+    plan = json.loads(out.read_text())
+    assert [p["key"] for p in plan["phases"]] == ["sample", "decode_untiled", "decode_tiled"]
+    assert plan["latent"] == [4, 8, 8, 4] and "fake tensors" in plan["plan"]
+    assert all(p["device_bytes"] > 0 for p in plan["phases"])
+
+
+@pytest.mark.parametrize("argv", [
+    ["--volume", "100", "512", "128"],
+    ["--volume", "512", "512"],
+    ["--dtype", "fp8"],
+    ["--what", "everything"],
+    ["--batch", "0"],
+    ["--slab", "0"],
+    ["--batch", "two"],
+    ["--json", "/no/such/folder/plan.json"],
+    ["--unet-config", "/no/such/unet.json"],
+    ["--frobnicate"],
+])
+def test_bad_arguments_give_one_error_line(argv, capsys):
+    assert main(argv) == 2
+    captured = capsys.readouterr()
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), captured.err
+    assert captured.out == ""
