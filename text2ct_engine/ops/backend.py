@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-import functools
 import importlib.util
 import os
 from typing import Iterator
@@ -48,9 +47,12 @@ def backend(name: str) -> Iterator[None]:
         _override.reset(token)
 
 
-@functools.lru_cache(maxsize=None)
+_TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
+_XFORMERS_INSTALLED = importlib.util.find_spec("xformers") is not None
+
+
 def triton_available() -> bool:
-    return importlib.util.find_spec("triton") is not None
+    return _TRITON_INSTALLED
 
 
 def triton_interpreting() -> bool:
@@ -70,6 +72,5 @@ def triton_usable(device_type: str) -> tuple[bool, str]:
     return False, f"{device_type} tensors need TRITON_INTERPRET=1 for triton"
 
 
-@functools.lru_cache(maxsize=None)
 def xformers_available() -> bool:
-    return importlib.util.find_spec("xformers") is not None
+    return _XFORMERS_INSTALLED
