@@ -18,9 +18,10 @@ setup(
         "text2ct_engine.train",
         "text2ct_engine.evaluate",
         "text2ct_engine.kernels",
+        "text2ct_engine.csrc",
     ],
-    package_dir={"text2ct_engine.kernels": "kernels"},
-    package_data={"text2ct_engine": ["csrc/*.cpp"]},
+    package_dir={"text2ct_engine.kernels": "kernels", "text2ct_engine.csrc": "csrc"},
+    package_data={"text2ct_engine.csrc": ["*.cpp"]},
     install_requires=[
         "torch>=2.4",
         "triton>=3.0; platform_system == 'Linux' and platform_machine == 'x86_64'",

@@ -5,12 +5,13 @@ Backends (see ``ops.backend``):
 - ``triton``: ``text2ct_engine.kernels.group_norm`` (split reductions, fused add/affine/SiLU, fused backward),
   registered as the custom op ``text2ct::group_norm_triton`` with a fake impl and autograd, so it runs under
   ``FakeTensorMode`` and ``torch.compile``. The default for CUDA tensors; on CPU only under TRITON_INTERPRET=1.
-- ``cpp``: the C++/OpenMP CPU forward in ``csrc/group_norm.cpp`` (fp32/bf16), custom op
-  ``text2ct::group_norm_cpp``; its backward is closed-form torch math from the saved (mean, rstd).
+- ``cpp``: the C++/OpenMP CPU kernels in ``csrc/group_norm.cpp`` (fp32/bf16, forward and backward), custom
+  ops ``text2ct::group_norm_cpp`` / ``text2ct::group_norm_cpp_bwd``.
 - ``torch``: ``F.group_norm`` then ``F.silu``, the reference.
 
-``auto`` picks triton on CUDA, and on CPU the C++ kernel for fp32/bf16 when it builds (it measured faster
-than torch's ``silu(group_norm(x))`` on a 2-core machine: see benchmarks/RESULTS.md), else torch.
+``auto`` picks triton on CUDA, and on CPU the C++ kernel for fp32/bf16 inputs of at least CPP_MIN_NUMEL
+elements when it builds (there it measured faster than torch's ``silu(group_norm(x))`` on a 2-core machine:
+see benchmarks/RESULTS.md), else torch.
 float64 and other dtypes the kernels do not take fall back to torch on every backend.
 """
 from __future__ import annotations
@@ -26,8 +27,11 @@ from .backend import requested_backend, triton_usable
 ACTIVATIONS = (None, "silu")
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 CPP_DTYPES = (torch.float32, torch.bfloat16)
-# C++ kernel vs torch silu(group_norm(x)) on CPU: measured faster (benchmarks/RESULTS.md), so auto uses it.
+# C++ kernel vs torch silu(group_norm(x)) on CPU (benchmarks/RESULTS.md): faster from about a million
+# elements up (VAE shapes: 1.2-1.7x forward and forward+backward on 2 cores); below that the fixed cost of a
+# call dominates and torch is as fast or faster. So auto uses it on CPU for x.numel() >= CPP_MIN_NUMEL.
 CPP_IS_CPU_DEFAULT = True
+CPP_MIN_NUMEL = 1 << 20
 
 
 def validate_group_norm(x: torch.Tensor, num_groups: int, weight, bias, act, add=None) -> None:
@@ -55,6 +59,9 @@ def validate_group_norm(x: torch.Tensor, num_groups: int, weight, bias, act, add
             raise ValueError(f"group_norm: add must be floating point, got {add.dtype}")
     if act not in ACTIVATIONS:
         raise ValueError(f"group_norm: unknown activation {act!r}; use None or 'silu'")
+    for name, p in (("weight", weight), ("bias", bias), ("add", add)):
+        if p is not None and p.device != x.device:
+            raise ValueError(f"group_norm: {name} is on {p.device} but x is on {x.device}")
 
 
 def group_norm_torch(x, num_groups, weight=None, bias=None, eps=1e-6, act=None, add=None):
@@ -74,7 +81,8 @@ def _view3(t: torch.Tensor) -> torch.Tensor:
 
 def _empty_output(x: torch.Tensor) -> torch.Tensor:
     """Output of x's shape/dtype; x's layout where its spatial dims collapse (contiguous or channels_last),
-    else contiguous. The kernels, the C++ path and the fake impls all allocate with this."""
+    else contiguous. The C++ path and the fake impls allocate with this; the Triton entry point
+    (``kernels.group_norm.empty_output``) does the same, so fake and real strides agree."""
     return torch.empty_like(_view3(x)).view(x.shape)
 
 
@@ -145,7 +153,7 @@ _gn_triton.register_autograd(_triton_backward, setup_context=_setup_context)
 
 
 # ------------------------------------------------------------------------------------------------------
-# C++ custom op (CPU forward; closed-form torch backward)
+# C++ custom ops (CPU forward and backward)
 # ------------------------------------------------------------------------------------------------------
 def _f32vec(t: torch.Tensor | None) -> torch.Tensor | None:
     return None if t is None else t.detach().to(torch.float32).contiguous()
@@ -212,10 +220,35 @@ def group_norm_backward_torch(dy: torch.Tensor, x: torch.Tensor, weight: torch.T
     return dx, dd.reshape(N, C).sum(0), ds.reshape(N, C).sum(0), dadd
 
 
+@torch.library.custom_op("text2ct::group_norm_cpp_bwd", mutates_args=(), device_types="cpu")
+def _gn_cpp_bwd(dy: torch.Tensor, x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
+                add: Optional[torch.Tensor], mean: torch.Tensor, rstd: torch.Tensor, num_groups: int,
+                act: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    ext = cpp_ext.load()
+    if ext is None:  # a build that vanished since the forward: closed-form torch math
+        return group_norm_backward_torch(dy, x, weight, bias, add, mean, rstd, num_groups, _act(act))
+    dx = _empty_output(x)
+    n, c = x.shape[:2]
+    x3, dx3, dy3 = _view3(x), dx.view(n, c, -1), _view3(dy)
+    if not (x3.stride(2) == 1 or x3.stride(1) == 1) or dx3.stride() != x3.stride():
+        x3 = x3.contiguous()
+        dx3 = torch.empty(x3.shape, dtype=x.dtype)
+    if dy3.stride() != x3.stride() or dy3.dtype != x.dtype:  # dy in x's layout (a copy only if it differs)
+        dy3 = torch.empty_like(x3).copy_(dy3)
+    dw, db, dadd = ext.group_norm_backward(x3, dy3, dx3, mean, rstd, _f32vec(weight), _f32vec(bias),
+                                           _f32vec(add), num_groups, _act(act) == "silu")
+    if dx3.data_ptr() != dx.data_ptr():
+        dx.view(n, c, -1).copy_(dx3)
+    return dx, dw, db, dadd
+
+
+_gn_cpp_bwd.register_fake(_gn_triton_bwd_fake)
+
+
 def _cpp_backward(ctx, dy, _dmean, _drstd):
     x, weight, bias, add, mean, rstd = ctx.saved_tensors
-    dx, dw, db, dadd = group_norm_backward_torch(dy, x, weight, bias, add, mean, rstd, ctx.num_groups,
-                                                 _act(ctx.act))
+    dx, dw, db, dadd = torch.ops.text2ct.group_norm_cpp_bwd(dy, x, weight, bias, add, mean, rstd, ctx.num_groups,
+                                                            ctx.act)
     return _input_grads(ctx, dx, dw, db, dadd)
 
 
@@ -235,17 +268,17 @@ def choose_group_norm_backend(x: torch.Tensor) -> tuple[str, str]:
 
     May build the C++ kernel (once, cached) when that is the candidate on CPU.
     """
-    return _choose(x.device.type, x.dtype)
+    return _choose(x.device.type, x.dtype, x.numel())
 
 
 @torch.compiler.assume_constant_result
-def _backend_for_compile(dev: str, dtype: torch.dtype) -> str:
+def _backend_for_compile(dev: str, dtype: torch.dtype, numel: int) -> str:
     # dynamo cannot trace the ContextVar behind ops.backend(): under torch.compile the choice is made once,
     # when the graph is traced, and baked into it
-    return _choose(dev, dtype)[0]
+    return _choose(dev, dtype, numel)[0]
 
 
-def _choose(dev: str, dtype: torch.dtype) -> tuple[str, str]:
+def _choose(dev: str, dtype: torch.dtype, numel: int) -> tuple[str, str]:
     asked = requested_backend()
     if asked == "torch":
         return "torch", "forced (torch)"
@@ -265,6 +298,9 @@ def _choose(dev: str, dtype: torch.dtype) -> tuple[str, str]:
         return "torch", f"{why}: the C++ kernel is CPU-only, {dev} tensor: torch"
     if asked == "auto" and not CPP_IS_CPU_DEFAULT:
         return "torch", "auto on CPU: torch (the C++ kernel was not faster here)"
+    if asked == "auto" and numel < CPP_MIN_NUMEL:
+        return "torch", (f"auto on CPU: torch below {CPP_MIN_NUMEL} elements, the C++ kernel from there on "
+                         f"(a call's fixed cost dominates small tensors)")
     if dtype not in CPP_DTYPES:
         return "torch", f"{why}: the C++ kernel takes fp32/bf16, not {dtype}: torch"
     ok, reason = _cpp_ready()
@@ -283,7 +319,7 @@ def group_norm(x: torch.Tensor, num_groups: int, weight: torch.Tensor | None = N
     """
     validate_group_norm(x, num_groups, weight, bias, act, add)
     if torch.compiler.is_compiling():
-        name = _backend_for_compile(x.device.type, x.dtype)
+        name = _backend_for_compile(x.device.type, x.dtype, int(x.numel()))
     else:
         name = choose_group_norm_backend(x)[0]
     if name == "triton":
