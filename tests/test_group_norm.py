@@ -387,3 +387,15 @@ def test_torch_compile_inductor():
         torch._dynamo.reset()
     close(y, ref(x, 3, w, b, a, act="silu") * 2, torch.float32)
     close_sum(xr.grad, _float64_grads(x, w, b, a, 3, "silu", torch.full(x.shape, 2.0))[0], torch.float32)
+
+
+def test_forced_triton_without_interpreter_is_a_value_error_and_info_still_reports(monkeypatch):
+    from text2ct_engine import info
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    x = torch.randn(2, 8, 3, 3, 3)
+    with backend("triton"):
+        name, reason = choose_group_norm_backend(x)
+        assert name == "triton" and "cannot run here" in reason
+        with pytest.raises(ValueError, match="TRITON_INTERPRET=1"):
+            group_norm(x, 4)
+        assert any("cannot run here" in row for row in info.op_backends())

@@ -2,6 +2,7 @@
 import pytest
 import torch
 
+from text2ct_engine import ops
 from text2ct_engine.models import AutoencoderKL, DiffusionUNet
 
 maisi = pytest.importorskip("monai.apps.generation.maisi.networks.autoencoderkl_maisi")
@@ -33,15 +34,19 @@ VAE_CASES = {
 }
 
 
-@pytest.mark.parametrize("case", VAE_CASES)
-def test_vae_matches_monai(case):
+BACKEND_CASES = [(case, "torch") for case in VAE_CASES] + [("text2ct_shape", "cpp"), ("text2ct_shape", "triton")]
+
+
+@pytest.mark.parametrize("case,backend", BACKEND_CASES)
+def test_vae_matches_monai(case, backend):
+    """Every CPU-runnable backend (triton under the interpreter) gives MONAI's outputs."""
     kw = dict(spatial_dims=3, in_channels=1, out_channels=1, latent_channels=4, norm_eps=1e-6, **VAE_CASES[case])
     ref = maisi.AutoencoderKlMaisi(**kw, num_splits=1, save_mem=False).eval()
     randomize(ref, 1)
     ours = AutoencoderKL(**kw).eval()
     ours.load_state_dict(ref.state_dict(), strict=True)
     x = torch.randn(2, 1, 12, 16, 8) * 0.5 + 0.3
-    with torch.no_grad():
+    with torch.no_grad(), ops.backend(backend):
         mu_r, sig_r = ref.encode(x)
         mu, sig = ours.encode(x)
         assert rel_err(mu, mu_r) <= 1e-5 and rel_err(sig, sig_r) <= 1e-5
@@ -82,8 +87,8 @@ UNET_CASES = {
 }
 
 
-@pytest.mark.parametrize("case", UNET_CASES)
-def test_unet_matches_monai(case):
+@pytest.mark.parametrize("case,backend", [(case, "torch") for case in UNET_CASES] + [("text2ct_shape", "cpp")])
+def test_unet_matches_monai(case, backend):
     kw = UNET_CASES[case]
     ref = maisi_unet.DiffusionModelUNetMaisi(**kw).eval()
     randomize(ref, 2)
@@ -101,7 +106,7 @@ def test_unet_matches_monai(case):
     if kw.get("include_top_region_index_input"):
         args["top_region_index_tensor"] = torch.rand(b, 4)
         args["bottom_region_index_tensor"] = torch.rand(b, 4)
-    with torch.no_grad():
+    with torch.no_grad(), ops.backend(backend):
         out_r = ref(x, **args)
         out = ours(x, **args)
     assert out.shape == out_r.shape

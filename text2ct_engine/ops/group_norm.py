@@ -266,47 +266,53 @@ def _cpp_ready() -> tuple[bool, str]:
 def choose_group_norm_backend(x: torch.Tensor) -> tuple[str, str]:
     """(backend, reason) that ``group_norm`` uses for this tensor right now.
 
-    May build the C++ kernel (once, cached) when that is the candidate on CPU.
+    May build the C++ kernel (once, cached) when that is the candidate on CPU. Never raises: a forced
+    backend that cannot run is reported in the reason (``group_norm`` itself raises ``ValueError`` then).
     """
-    return _choose(x.device.type, x.dtype, x.numel())
+    name, reason, _ = _choose(x.device.type, x.dtype, x.numel())
+    return name, reason
 
 
 @torch.compiler.assume_constant_result
 def _backend_for_compile(dev: str, dtype: torch.dtype, numel: int) -> str:
     # dynamo cannot trace the ContextVar behind ops.backend(): under torch.compile the choice is made once,
     # when the graph is traced, and baked into it
-    return _choose(dev, dtype, numel)[0]
+    name, reason, ok = _choose(dev, dtype, numel)
+    if not ok:
+        raise ValueError(f"group_norm: {reason}")
+    return name
 
 
-def _choose(dev: str, dtype: torch.dtype, numel: int) -> tuple[str, str]:
+def _choose(dev: str, dtype: torch.dtype, numel: int) -> tuple[str, str, bool]:
+    """(backend, reason, runnable); runnable is False only for a forced backend that cannot run here."""
     asked = requested_backend()
     if asked == "torch":
-        return "torch", "forced (torch)"
+        return "torch", "forced (torch)", True
     if asked == "triton" or (asked == "auto" and dev != "cpu"):
         why = "forced (triton)" if asked == "triton" else "auto: CUDA tensor"
         if dtype not in KERNEL_DTYPES:
-            return "torch", f"{why}, but the Triton kernel takes fp32/fp16/bf16, not {dtype}: torch"
+            return "torch", f"{why}, but the Triton kernel takes fp32/fp16/bf16, not {dtype}: torch", True
         ok, reason = triton_usable(dev)
         if ok:
-            return "triton", f"{why}: {reason}"
+            return "triton", f"{why}: {reason}", True
         if asked == "triton":
-            raise RuntimeError(f"group_norm: backend 'triton' cannot run here: {reason}")
-        return "torch", f"auto: {reason}; torch"
+            return "triton", f"forced (triton) cannot run here: {reason}", False
+        return "torch", f"auto: {reason}; torch", True
     # cpp asked, or auto on CPU
     why = "forced (cpp)" if asked == "cpp" else "auto on CPU"
     if dev != "cpu":
-        return "torch", f"{why}: the C++ kernel is CPU-only, {dev} tensor: torch"
+        return "torch", f"{why}: the C++ kernel is CPU-only, {dev} tensor: torch", True
     if asked == "auto" and not CPP_IS_CPU_DEFAULT:
-        return "torch", "auto on CPU: torch (the C++ kernel was not faster here)"
+        return "torch", "auto on CPU: torch (the C++ kernel was not faster here)", True
     if asked == "auto" and numel < CPP_MIN_NUMEL:
         return "torch", (f"auto on CPU: torch below {CPP_MIN_NUMEL} elements, the C++ kernel from there on "
-                         f"(a call's fixed cost dominates small tensors)")
+                         f"(a call's fixed cost dominates small tensors)"), True
     if dtype not in CPP_DTYPES:
-        return "torch", f"{why}: the C++ kernel takes fp32/bf16, not {dtype}: torch"
+        return "torch", f"{why}: the C++ kernel takes fp32/bf16, not {dtype}: torch", True
     ok, reason = _cpp_ready()
     if ok:
-        return "cpp", f"{why}: fused C++/OpenMP kernel"
-    return "torch", f"{why}: {reason}; torch"
+        return "cpp", f"{why}: fused C++/OpenMP kernel", True
+    return "torch", f"{why}: {reason}; torch", True
 
 
 def group_norm(x: torch.Tensor, num_groups: int, weight: torch.Tensor | None = None,
@@ -321,7 +327,9 @@ def group_norm(x: torch.Tensor, num_groups: int, weight: torch.Tensor | None = N
     if torch.compiler.is_compiling():
         name = _backend_for_compile(x.device.type, x.dtype, int(x.numel()))
     else:
-        name = choose_group_norm_backend(x)[0]
+        name, reason, ok = _choose(x.device.type, x.dtype, x.numel())
+        if not ok:
+            raise ValueError(f"group_norm: {reason}")
     if name == "triton":
         return torch.ops.text2ct.group_norm_triton(x, num_groups, weight, bias, add, float(eps), act or "none")[0]
     if name == "cpp":
