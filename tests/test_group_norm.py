@@ -81,17 +81,20 @@ def two_threads():
 # ------------------------------------------------------------------------------------------------------
 # Triton kernels, called directly (so the output buffers can be poisoned and the tiling forced)
 # ------------------------------------------------------------------------------------------------------
+def with_layouts(cases):
+    """Each case contiguous and channels-last; channels-last exists for 4D and 5D tensors only."""
+    return [pytest.param(*case, cl, id=f"{'x'.join(map(str, case[0]))}-{'cl' if cl else 'contig'}")
+            for case in cases for cl in (False, True) if not (cl and len(case[0]) == 3)]
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("channels_last", [False, True], ids=["contig", "cl"])
-@pytest.mark.parametrize("shape,groups,config", [
+@pytest.mark.parametrize("shape,groups,config,channels_last", with_layouts([
     ((2, 6, 3, 5, 7), 3, None),          # 5D, odd spatial, one program per group
     ((3, 8, 5, 9), 4, None),             # 4D
     ((2, 6, 2, 3, 5), 3, "split"),       # forced split: 30 positions in chunks of 8 -> 4 chunks, tail
     ((1, 6, 37), 2, "split"),            # 3D input, N = 1, 37 positions
-])
+]))
 def test_triton_forward(dtype, channels_last, shape, groups, config):
-    if channels_last and len(shape) == 3:
-        pytest.skip("no channels_last for 3D tensors")
     x, w, b, a = make(shape, dtype, channels_last)
     cfg = SPLIT if config == "split" else None
     out = poisoned(x)
@@ -217,11 +220,9 @@ def test_op_fp16_and_fp64_dispatch(monkeypatch):
 # ------------------------------------------------------------------------------------------------------
 @needs_cpp
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("channels_last", [False, True], ids=["contig", "cl"])
-@pytest.mark.parametrize("shape,groups", [((2, 6, 3, 5, 7), 3), ((2, 64, 20, 31), 32), ((1, 8, 40000), 2)])
+@pytest.mark.parametrize("shape,groups,channels_last",
+                         with_layouts([((2, 6, 3, 5, 7), 3), ((2, 64, 20, 31), 32), ((1, 8, 40000), 2)]))
 def test_cpp_forward(dtype, channels_last, shape, groups, two_threads):
-    if channels_last and len(shape) == 3:
-        pytest.skip("no channels_last for 3D tensors")
     # 40000 positions: 3 chunks of 16K per row; 20 x 31 channels_last: 3 chunks of 256 rows over 2 threads
     x, w, b, a = make(shape, dtype, channels_last)
     with backend("cpp"):
