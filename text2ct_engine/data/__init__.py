@@ -1,0 +1,1 @@
+"""Data: procedural chest-CT phantoms, CT-RATE-layout loading and preprocessing, latent caches."""

@@ -1,0 +1,1 @@
+"""Evaluation: the phantom finding detector (``evaluate.findings``) and its morphology helpers."""

@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import os
 import time
+import warnings
 from dataclasses import asdict, dataclass
 from typing import Callable
 
@@ -20,6 +21,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from ..pipeline import Text2CTPipeline
 from ..schedulers import RFlowScheduler
+from ..tokenizer import PromptTruncatedWarning
 from .common import EMA, LossLog, load_training_state, save_training_state
 
 
@@ -113,6 +115,7 @@ def train_ldm(pipe: Text2CTPipeline, dataset: Dataset, cfg: LDMTrainConfig, out_
     if per_epoch == 0:
         raise ValueError(f"the data set has {len(dataset)} items, fewer than one batch of {cfg.batch_size}")
     start = time.perf_counter()
+    truncation_reported = False
     while step < cfg.steps:
         epoch, skip = divmod(step, per_epoch)
         loader = DataLoader(dataset, batch_size=cfg.batch_size, shuffle=True, drop_last=True,
@@ -125,8 +128,13 @@ def train_ldm(pipe: Text2CTPipeline, dataset: Dataset, cfg: LDMTrainConfig, out_
             if "context" in batch:  # precomputed text contexts
                 context = batch["context"].to(device)
             else:
-                with torch.no_grad():
+                with torch.no_grad(), warnings.catch_warnings(record=True) as caught:
+                    warnings.simplefilter("always", PromptTruncatedWarning)
                     context = pipe.encode_prompts(list(batch["text"]), allow_empty=True)
+                if caught and not truncation_reported:
+                    truncation_reported = True
+                    log(f"note: reports longer than the text context are truncated ({caught[0].message}); "
+                        f"further truncations are not reported")
             loss = ldm_loss(pipe, x0, context.float(), batch["spacing"].float(), gen, cfg.cond_drop_prob,
                             autocast)
             if not torch.isfinite(loss):

@@ -1,0 +1,111 @@
+"""Latent cache: shards + index, round trip, resume after an interruption, bad volumes, config checks."""
+import json
+import os
+
+import pytest
+import torch
+from torch import nn
+
+from text2ct_engine.data.cache import INDEX, LatentCacheDataset, build_latent_cache, main
+from text2ct_engine.data.ctrate import CTRATEDataset
+from text2ct_engine.data.errors import DataError
+from text2ct_engine.data.phantom import make_dataset
+
+
+class TinyVAE(nn.Module):
+    """Stand-in for AutoencoderKL: encode(x) -> (mu, sigma), 4x downsampling, 4 latent channels."""
+
+    def __init__(self, fail_after: int | None = None):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = nn.Conv3d(1, 8, kernel_size=4, stride=4)
+        self.calls, self.fail_after = 0, fail_after
+
+    def encode(self, x):
+        self.calls += 1
+        if self.fail_after is not None and self.calls > self.fail_after:
+            raise KeyboardInterrupt  # simulates a run stopped half-way
+        h = self.conv(x)
+        return h[:, :4], torch.exp(0.1 * h[:, 4:])
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory):
+    root = str(tmp_path_factory.mktemp("cache_data"))
+    make_dataset(root, n=5, size=(32, 32, 16), seed=4, workers=1, progress=False)
+    return root
+
+
+def _ds(root, **kw):
+    return CTRATEDataset(root, target_spacing=(12.0, 12.0, 24.0), target_size=(32, 32, 16), **kw)
+
+
+def test_cache_round_trip(data_root, tmp_path):
+    ds, vae = _ds(data_root), TinyVAE()
+    out = str(tmp_path / "c")
+    idx = build_latent_cache(ds, vae, out, shard_size=2, dtype=torch.float32, progress=False)
+    assert len(idx["entries"]) == 5 and idx["shards"] == [f"shard-{i:05d}.safetensors" for i in range(3)]
+    assert json.load(open(os.path.join(out, INDEX)))["entries"].keys() == idx["entries"].keys()
+    lc = LatentCacheDataset(out)
+    s = lc[lc.names.index("train_3_a_1.nii.gz")]
+    with torch.no_grad():
+        mu, sigma = vae.encode(ds[ds.index_of("train_3_a_1.nii.gz")]["volume"][None])
+    assert s["mu"].shape == (4, 8, 8, 4) and torch.allclose(s["mu"], mu[0]) and torch.allclose(s["sigma"], sigma[0])
+    assert s["text"].startswith("Findings:") and s["labels"].shape == (18,) and s["spacing"].tolist() == [12.0, 12.0, 24.0]
+    drawn = LatentCacheDataset(out, sample=True)[0]
+    assert drawn["latent"].shape == drawn["mu"].shape and not torch.equal(drawn["latent"], drawn["mu"])
+    # rerun: nothing left to do
+    again = TinyVAE()
+    build_latent_cache(ds, again, out, shard_size=2, dtype=torch.float32, progress=False)
+    assert again.calls == 0
+
+
+def test_cache_resumes_after_interruption(data_root, tmp_path):
+    out = str(tmp_path / "c")
+    ds = _ds(data_root)
+    with pytest.raises(KeyboardInterrupt):
+        build_latent_cache(ds, TinyVAE(fail_after=3), out, shard_size=2, dtype=torch.float16, progress=False)
+    idx = json.load(open(os.path.join(out, INDEX)))
+    assert len(idx["entries"]) == 2 and idx["shards"] == ["shard-00000.safetensors"]  # the finished shard only
+    assert not [f for f in os.listdir(out) if "tmp" in f]
+    vae = TinyVAE()
+    idx = build_latent_cache(ds, vae, out, shard_size=2, dtype=torch.float16, progress=False)
+    assert vae.calls == 3 and len(idx["entries"]) == 5
+    lc = LatentCacheDataset(out)
+    assert len(lc) == 5 and lc[4]["mu"].dtype == torch.float32  # stored fp16, served fp32
+
+
+def test_cache_skips_bad_volumes_and_refuses_other_settings(data_root, tmp_path):
+    import shutil
+
+    root = str(tmp_path / "d")
+    shutil.copytree(data_root, root)
+    bad = os.path.join(root, "dataset", "train_fixed", "train_2", "train_2_a", "train_2_a_1.nii.gz")
+    with open(bad, "r+b") as fh:
+        fh.truncate(200)
+    out = str(tmp_path / "c")
+    idx = build_latent_cache(_ds(root), TinyVAE(), out, shard_size=3, dtype=torch.float32, progress=False)
+    assert len(idx["entries"]) == 4 and idx["skipped"][0][0] == bad
+    other = CTRATEDataset(root, target_spacing=(6.0, 6.0, 12.0), target_size=(32, 32, 16))
+    with pytest.raises(DataError, match="other settings"):
+        build_latent_cache(other, TinyVAE(), out, dtype=torch.float32, progress=False)
+
+
+def test_cache_cli_errors_are_one_line(tmp_path, capsys):
+    assert main(["--data", str(tmp_path / "missing"), "--vae", str(tmp_path), "--out", str(tmp_path / "o")]) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "error" in err and "Traceback" not in err
+
+
+def test_cache_cli_with_the_engine_vae(data_root, tmp_path, capsys):
+    from text2ct_engine.models import AutoencoderKL
+
+    vae = AutoencoderKL(num_channels=[8, 8, 8], num_res_blocks=[1, 1, 1], norm_num_groups=4)
+    vae.save_pretrained(str(tmp_path / "model" / "vae"))
+    out = str(tmp_path / "c")
+    argv = ["--data", data_root, "--vae", str(tmp_path / "model"), "--out", out, "--size", "32", "32", "16",
+            "--spacing", "12", "12", "24", "--device", "cpu", "--shard-size", "4"]
+    assert main(argv) == 0
+    lc = LatentCacheDataset(out)
+    assert len(lc) == 5 and lc[0]["mu"].shape == (4, 8, 8, 4) and lc[0]["sigma"] is not None
+    assert "5 latents" in capsys.readouterr().out

@@ -1,0 +1,240 @@
+"""Latent cache: encode every volume of a data set once with the VAE and store the latents on disk.
+
+Layout of a cache directory::
+
+    index.json                      config, shard list, one entry per volume, skipped files
+    shard-00000.safetensors         "<VolumeName>/mu" and "<VolumeName>/sigma" tensors (C, x, y, z)
+    ...
+
+Shards and the index are written atomically (temp file + rename), the index after each shard, so an
+interrupted run loses at most the shard in progress; running again resumes with the volumes not yet in the
+index. The VAE is any module with ``encode(x) -> (mu, sigma)`` (the engine's :class:`AutoencoderKL`);
+latents are stored unscaled (the diffusion trainer applies ``scale_factor``).
+
+CLI::
+
+    python -m text2ct_engine.data.cache --data data/phantom --vae model_dir --out cache/phantom \\
+        --size 128 128 128 --spacing 3 3 3 --workers 2
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import Any, Sequence
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch.utils.data import DataLoader, Dataset
+
+from .ctrate import CTRATEDataset, collate
+from .errors import BadDataError, DataError
+from .labels import CTRATE_LABELS
+
+INDEX = "index.json"
+FORMAT = "text2ct-latent-cache"
+
+
+def _write_json(path: str, obj: Any) -> None:
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as fh:
+        json.dump(obj, fh, indent=1)
+    os.replace(tmp, path)
+
+
+def load_index(out_dir: str) -> dict | None:
+    path = os.path.join(out_dir, INDEX)
+    if not os.path.exists(path):
+        return None
+    with open(path) as fh:
+        idx = json.load(fh)
+    if idx.get("format") != FORMAT:
+        raise DataError(f"{path} is not a latent-cache index")
+    return idx
+
+
+def cache_config(ds: CTRATEDataset, vae_name: str, dtype: torch.dtype) -> dict:
+    return {"target_spacing": ds.target_spacing, "target_size": ds.target_size, "mode": ds.mode,
+            "window": list(ds.window), "vae": vae_name, "dtype": str(dtype).replace("torch.", ""),
+            "labels": list(CTRATE_LABELS)}
+
+
+@torch.no_grad()
+def build_latent_cache(dataset: CTRATEDataset, vae: torch.nn.Module, out_dir: str, shard_size: int = 32,
+                       batch_size: int = 1, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float16,
+                       workers: int = 0, vae_name: str = "", progress: bool = True) -> dict:
+    """Encode the volumes of ``dataset`` not yet in ``out_dir``'s index; returns the index.
+
+    A cache built with other preprocessing or another VAE name is refused (``DataError``) rather than mixed.
+    Bad volumes are skipped and listed under ``skipped`` (or raise with ``dataset.strict``).
+    """
+    from tqdm import tqdm
+
+    os.makedirs(out_dir, exist_ok=True)
+    config = cache_config(dataset, vae_name, dtype)
+    idx = load_index(out_dir) or {"format": FORMAT, "version": 1, "config": config, "shards": [], "entries": {},
+                                  "skipped": []}
+    if json.loads(json.dumps(idx["config"])) != json.loads(json.dumps(config)):
+        raise DataError(f"{out_dir} holds a cache made with other settings ({idx['config']}); use another --out")
+    done = set(idx["entries"])
+    todo = [i for i, r in enumerate(dataset.records) if r.name not in done]
+    if not todo:
+        return idx
+    loader = DataLoader(_Subset(dataset, todo), batch_size=batch_size, num_workers=workers, collate_fn=collate)
+    vae = vae.to(device).eval()
+    buf: dict[str, torch.Tensor] = {}
+    meta: dict[str, dict] = {}
+    skipped_before = {tuple(s) for s in idx["skipped"]}
+
+    def flush() -> None:
+        if not buf:
+            return
+        name = f"shard-{len(idx['shards']):05d}.safetensors"
+        path = os.path.join(out_dir, name)
+        tmp = path + f".tmp{os.getpid()}"
+        save_file(buf, tmp, metadata={"format": "pt"})
+        os.replace(tmp, path)
+        idx["shards"].append(name)
+        for k, m in meta.items():
+            idx["entries"][k] = {**m, "shard": name}
+        _write_json(os.path.join(out_dir, INDEX), idx)
+        buf.clear()
+        meta.clear()
+
+    bar = tqdm(total=len(todo), desc="encoding", unit="vol", disable=not progress)
+    for batch in loader:
+        for path, reason in batch["skipped"]:
+            if (path, reason) not in skipped_before:
+                idx["skipped"].append([path, reason])
+        bar.update(len(batch["skipped"]))
+        if batch["volume"] is None:
+            continue
+        x = batch["volume"].to(device)
+        out = vae.encode(x)
+        mu, sigma = (out[0], out[1]) if isinstance(out, (tuple, list)) else (out, None)
+        for j, name in enumerate(batch["name"]):
+            buf[f"{name}/mu"] = mu[j].to(dtype).cpu().contiguous()
+            if sigma is not None:
+                buf[f"{name}/sigma"] = sigma[j].to(dtype).cpu().contiguous()
+            rec = dataset.records[dataset.index_of(name)]
+            meta[name] = {"text": batch["text"][j], "spacing": batch["spacing"][j].tolist(),
+                          "labels": rec.labels, "source": rec.path, "shape": list(mu[j].shape),
+                          "has_sigma": sigma is not None}
+            bar.update(1)
+            if len(meta) >= shard_size:
+                flush()
+    flush()
+    if idx["skipped"]:
+        _write_json(os.path.join(out_dir, INDEX), idx)
+    bar.close()
+    return idx
+
+
+class _Subset(Dataset):
+    def __init__(self, ds: CTRATEDataset, indices: Sequence[int]):
+        self.ds, self.indices = ds, list(indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int):
+        return self.ds[self.indices[i]]
+
+
+class LatentCacheDataset(Dataset):
+    """Samples of a latent cache: ``mu``, ``sigma`` (or None), ``text``, ``labels``, ``spacing``, ``name``.
+
+    ``sample=True`` returns ``latent`` = mu + sigma * eps (a fresh draw each time) instead of mu.
+    """
+
+    def __init__(self, cache_dir: str, sample: bool = False):
+        idx = load_index(cache_dir)
+        if idx is None:
+            raise DataError(f"{cache_dir} has no {INDEX}: not a latent cache")
+        self.dir, self.sample = cache_dir, sample
+        self.config = idx["config"]
+        self.names = sorted(idx["entries"])
+        self.entries = idx["entries"]
+        self._handles: dict[str, Any] = {}
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def _open(self, shard: str):
+        if shard not in self._handles:  # one handle per shard and per worker process
+            self._handles[shard] = safe_open(os.path.join(self.dir, shard), framework="pt")
+        return self._handles[shard]
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        name = self.names[i]
+        e = self.entries[name]
+        f = self._open(e["shard"])
+        mu = f.get_tensor(f"{name}/mu").float()
+        sigma = f.get_tensor(f"{name}/sigma").float() if e.get("has_sigma") else None
+        out = {"name": name, "text": e["text"], "spacing": torch.tensor(e["spacing"], dtype=torch.float32),
+               "labels": torch.tensor(e["labels"], dtype=torch.float32) if e.get("labels") is not None else None,
+               "mu": mu, "sigma": sigma}
+        if self.sample:
+            out["latent"] = mu + (sigma if sigma is not None else 0) * torch.randn_like(mu)
+        return out
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state["_handles"] = {}
+        return state
+
+
+# ------------------------------------------------------------------------------------------------ CLI
+def load_vae(path: str, device: str = "cpu") -> torch.nn.Module:
+    """The engine's AutoencoderKL from a model directory (``DIR/vae``) or a VAE directory."""
+    from ..models import AutoencoderKL
+
+    d = os.path.join(path, "vae") if os.path.isdir(os.path.join(path, "vae")) else path
+    return AutoencoderKL.from_pretrained(d, device=device)
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, no usage dump
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = _Parser(prog="python -m text2ct_engine.data.cache", description="Encode a CT-RATE-layout data set into a latent cache.")
+    p.add_argument("--data", required=True, help="CT-RATE-layout directory (holding dataset/ or its contents)")
+    p.add_argument("--vae", required=True, help="model directory (with vae/) or VAE directory")
+    p.add_argument("--out", required=True, help="cache directory (resumed if it exists)")
+    p.add_argument("--split", default="train", choices=("train", "valid"))
+    p.add_argument("--size", type=int, nargs=3, default=(512, 512, 128), metavar=("X", "Y", "Z"))
+    p.add_argument("--spacing", type=float, nargs=3, default=(0.75, 0.75, 3.0), metavar=("SX", "SY", "SZ"))
+    p.add_argument("--mode", choices=("crop_pad", "resize"), default="crop_pad")
+    p.add_argument("--shard-size", type=int, default=32)
+    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--workers", type=int, default=0)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", choices=("float16", "bfloat16", "float32"), default="float16")
+    p.add_argument("--strict", action="store_true", help="stop at the first bad file")
+    a = p.parse_args(argv)
+    if a.shard_size < 1 or a.batch_size < 1 or a.workers < 0:
+        p.error("--shard-size and --batch-size must be >= 1, --workers >= 0")
+    if any(s < 1 for s in a.size) or any(s <= 0 for s in a.spacing):
+        p.error("--size and --spacing must be positive")
+    try:
+        ds = CTRATEDataset(a.data, a.split, a.spacing, a.size, a.mode, strict=a.strict)
+        if not len(ds):
+            raise DataError(f"no usable volume in {a.data}")
+        vae = load_vae(a.vae, a.device)
+        idx = build_latent_cache(ds, vae, a.out, a.shard_size, a.batch_size, a.device, getattr(torch, a.dtype),
+                                 a.workers, vae_name=os.path.abspath(a.vae))
+    except (DataError, BadDataError, ValueError, OSError) as e:
+        print(f"{p.prog}: error: {e}", file=sys.stderr)
+        return 1
+    print(f"{len(idx['entries'])} latents in {a.out} ({len(idx['skipped'])} skipped)")
+    for path, reason in idx["skipped"]:
+        print(f"  skipped {path}: {reason}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
