@@ -8,10 +8,10 @@ from __future__ import annotations
 import os
 from typing import Sequence
 
-import nibabel as nib
 import numpy as np
 import torch
 
+from .data.nifti import write_volume
 from .io_utils import atomic_path
 
 
@@ -40,14 +40,7 @@ def save_nifti(volume: torch.Tensor | np.ndarray, spacing: Sequence[float], path
     data = to_int16_hu(volume)
     if data.ndim != 3:
         raise ValueError(f"a volume must be 3-D (X, Y, Z), got shape {data.shape}")
-    affine = np.diag([*map(float, spacing), 1.0])
-    img = nib.Nifti1Image(data, affine)
-    img.header.set_xyzt_units("mm")
-    img.set_qform(affine, code=1)
-    img.set_sform(affine, code=1)
-    suffix = ".nii.gz" if path.endswith(".gz") else ".nii"
-    with atomic_path(path, suffix=suffix) as tmp:
-        nib.save(img, tmp)
+    write_volume(path, data, np.diag([*map(float, spacing), 1.0]))
     return path
 
 

@@ -29,19 +29,13 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch.utils.data import DataLoader, Dataset
 
+from ..io_utils import write_json
 from .ctrate import CTRATEDataset, collate
 from .errors import BadDataError, DataError
 from .labels import CTRATE_LABELS
 
 INDEX = "index.json"
 FORMAT = "text2ct-latent-cache"
-
-
-def _write_json(path: str, obj: Any) -> None:
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as fh:
-        json.dump(obj, fh, indent=1)
-    os.replace(tmp, path)
 
 
 def load_index(out_dir: str) -> dict | None:
@@ -99,7 +93,7 @@ def build_latent_cache(dataset: CTRATEDataset, vae: torch.nn.Module, out_dir: st
         idx["shards"].append(name)
         for k, m in meta.items():
             idx["entries"][k] = {**m, "shard": name}
-        _write_json(os.path.join(out_dir, INDEX), idx)
+        write_json(os.path.join(out_dir, INDEX), idx)
         buf.clear()
         meta.clear()
 
@@ -127,7 +121,7 @@ def build_latent_cache(dataset: CTRATEDataset, vae: torch.nn.Module, out_dir: st
                 flush()
     flush()
     if idx["skipped"]:
-        _write_json(os.path.join(out_dir, INDEX), idx)
+        write_json(os.path.join(out_dir, INDEX), idx)
     bar.close()
     return idx
 

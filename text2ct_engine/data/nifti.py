@@ -6,6 +6,7 @@ import os
 import nibabel as nib
 import numpy as np
 
+from ..io_utils import atomic_path
 from .errors import BadDataError
 
 # nibabel raises many types for damaged files (ImageFileError, HeaderDataError, EOFError, zlib.error, ...):
@@ -43,20 +44,13 @@ def read_volume(path: str, check_finite: bool = True) -> tuple[np.ndarray, np.nd
 
 def write_volume(path: str, data: np.ndarray, affine: np.ndarray) -> None:
     """Write ``data`` (e.g. int16 HU) with ``affine`` to ``path`` atomically (temp file + rename)."""
-    d, base = os.path.split(os.path.abspath(path))
-    os.makedirs(d, exist_ok=True)
-    ext = ".nii.gz" if base.endswith(".nii.gz") else ".nii"
-    tmp = os.path.join(d, f".{base[: -len(ext)]}.tmp{os.getpid()}{ext}")
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     img = nib.Nifti1Image(data, affine)
     img.header.set_xyzt_units("mm", "sec")
     img.header.set_qform(affine, code=1)
     img.header.set_sform(affine, code=1)
-    try:
+    with atomic_path(path, suffix=".nii.gz" if str(path).endswith(".gz") else ".nii") as tmp:
         nib.save(img, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 def _short(e: BaseException, n: int = 120) -> str:

@@ -500,15 +500,15 @@ def render_findings(canvas: Canvas, an: Anatomy, placed: Placed, rng: np.random.
     for les in placed.effusions:
         canvas.paint(les.shape, les.hu, les.code, allowed=lung_like)
     for les in placed.lung_lesions:
-        if les.clear is not None:
-            canvas.paint(les.clear, HU["lung"], None, allowed=[LUNG_VESSEL, LUNG_AIRWAY])
+        if les.clear is not None:  # vessels (and their partial-volume rims) stop short of the lesion
+            canvas.paint(les.clear, HU["lung"], None, allowed=lung_like)
         canvas.paint(les.shape, les.hu, les.code, allowed=lung_like)
         for b in les.extra:
             canvas.paint(b, HU["air"] + 60, LUNG_AIRWAY, allowed=[les.code], soft=True)
     if placed.nodule is not None:
         ell = placed.nodule.shape
         assert isinstance(ell, Ellipsoid)
-        canvas.paint(Ellipsoid(ell.c, ell.semi + 6.0, ell.rot), HU["lung"], None, allowed=[LUNG_VESSEL, LUNG_AIRWAY])
+        canvas.paint(Ellipsoid(ell.c, ell.semi + 6.0, ell.rot), HU["lung"], None, allowed=lung_like)
         canvas.paint(ell, placed.nodule.hu, NODULE, soft=True)
     for ell in placed.nodes + placed.small_nodes:
         canvas.paint(ell, 38.0, NODE, allowed=[MED_FAT, LUNG_R, LUNG_L, LUNG_VESSEL, NODE], soft=True)
