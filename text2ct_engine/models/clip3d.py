@@ -16,7 +16,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .clip_text import (CLIPTextConfig, CLIPTextModelWithProjection, _strict_load,
+from .clip_text import (CLIPTextConfig, CLIPTextModelWithProjection, _strict_load, empty_model,
                         convert_text2ct_clip_state_dict, load_model_dir, save_model_dir)
 from .clip_vision3d import CLIPVisionModel3D, VisionConfig3D
 
@@ -143,8 +143,6 @@ class CLIP3D(nn.Module):
     def from_pretrained(cls, directory: str | os.PathLike, device: str | torch.device = "cpu",
                         dtype: torch.dtype | None = None) -> "CLIP3D":
         config_dict, sd = load_model_dir(directory, device)
-        with torch.device("meta"):
-            model = cls(CLIP3DConfig.from_dict(config_dict))
-        model = model.to_empty(device=device)
+        model = empty_model(cls, CLIP3DConfig.from_dict(config_dict), device)
         _strict_load(model, sd, "CLIP3D")
         return model.to(dtype) if dtype is not None else model

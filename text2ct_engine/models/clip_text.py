@@ -335,14 +335,19 @@ class CLIPTextModelWithProjection(nn.Module):
         config = CLIPTextConfig.from_dict(config_dict)
         if not any(k.startswith("text_projection") for k in sd):  # a bare HF CLIPTextModel: no projection
             config = replace(config, projection_dim=None)
-        with torch.device("meta"):
-            model = cls(config)
-        model = model.to_empty(device=device)
+        model = empty_model(cls, config, device)
         model.load_hf_state_dict(sd)
         return model.to(dtype) if dtype is not None else model
 
 
 # --------------------------------------------------------------------------------------------- I/O helpers
+
+
+def empty_model(cls: type, config: Any, device: str | torch.device) -> nn.Module:
+    """``cls(config)`` with uninitialised storage on ``device`` (built on meta: no wasted init before a load)."""
+    with torch.device("meta"):
+        model = cls(config)
+    return model.to_empty(device=device)
 
 
 def _strict_load(module: nn.Module, state_dict: Mapping[str, torch.Tensor], what: str) -> None:

@@ -20,7 +20,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .clip_text import (ACTIVATIONS, CLIPEncoder, CLIPEncoderLayer, _check_positive, _init_clip_weights,
-                        _strict_load, load_model_dir, save_model_dir)
+                        _strict_load, empty_model, load_model_dir, save_model_dir)
 
 __all__ = ["VisionConfig3D", "VisionTransformer3D", "CLIPVisionModel3D", "CLIPVisionOutput3D"]
 
@@ -220,9 +220,7 @@ class CLIPVisionModel3D(nn.Module):
                         dtype: torch.dtype | None = None) -> "CLIPVisionModel3D":
         """Load a directory of this class or of ``CLIP3D`` (its volume tower is taken)."""
         config_dict, sd = load_model_dir(directory, device)
-        with torch.device("meta"):
-            model = cls(VisionConfig3D.from_dict(config_dict))
-        model = model.to_empty(device=device)
+        model = empty_model(cls, VisionConfig3D.from_dict(config_dict), device)
         sd = {k: v for k, v in sd.items() if k.startswith(("vision_model.", "visual_projection."))}
         _strict_load(model, sd, "3D CLIP volume tower")
         return model.to(dtype) if dtype is not None else model
