@@ -17,6 +17,8 @@ from text2ct_engine import ops
 from text2ct_engine.kernels.attention import attention_backward, attention_forward, check_inputs
 from text2ct_engine.ops.attention import attention_torch, choose_attention_backend
 
+from kernel_device import DEVICE, ON_GPU
+
 attn_mod = importlib.import_module("text2ct_engine.ops.attention")  # ops.attention is also the function
 
 TOL = {torch.float32: dict(atol=2e-5, rtol=2e-5), torch.float16: dict(atol=3e-3, rtol=3e-3),
@@ -37,6 +39,7 @@ def reference(q, k, v, mask=None):
 
 
 def make(B, H, Nq, Nk, D, dtype, mask_kind=None):
+    """Random q, k, v (and a key padding mask) on DEVICE."""
     q = torch.randn(B, H, Nq, D).to(dtype)
     k = torch.randn(B, H, Nk, D).to(dtype)
     v = torch.randn(B, H, Nk, D).to(dtype)
@@ -46,11 +49,12 @@ def make(B, H, Nq, Nk, D, dtype, mask_kind=None):
         mask[:, 0] = True  # keep every batch alive unless asked otherwise
         if mask_kind == "one_empty":
             mask[-1] = False  # the last batch attends to nothing: zeros, never NaN
-    return q, k, v, mask
+        mask = mask.to(DEVICE)
+    return q.to(DEVICE), k.to(DEVICE), v.to(DEVICE), mask
 
 
 def nan_like(shape, dtype):
-    return torch.full(shape, float("nan"), dtype=dtype)
+    return torch.full(shape, float("nan"), dtype=dtype, device=DEVICE)
 
 
 # (B, H, Nq, Nk, D, dtype, mask kind, query splits in the dK/dV kernel)
@@ -67,6 +71,7 @@ CASES = [
 IDS = [f"B{c[0]}H{c[1]}q{c[2]}k{c[3]}d{c[4]}-{str(c[5])[6:]}-{c[6]}-s{c[7]}" for c in CASES]
 
 
+@pytest.mark.kernel
 @pytest.mark.parametrize("case", CASES, ids=IDS)
 def test_forward_matches_float64(case):
     B, H, Nq, Nk, D, dtype, mask_kind, _ = case
@@ -81,12 +86,13 @@ def test_forward_matches_float64(case):
         assert (out[-1] == 0).all() and (lse[-1] == float("inf")).all()
 
 
+@pytest.mark.kernel
 @pytest.mark.parametrize("case", CASES, ids=IDS)
 def test_backward_matches_float64_autograd(case):
     B, H, Nq, Nk, D, dtype, mask_kind, splits = case
     q, k, v, mask = make(B, H, Nq, Nk, D, dtype, mask_kind)
     out, lse = attention_forward(q, k, v, mask, block_m=16, block_n=16)
-    grad_out = torch.randn(B, H, Nq, D).to(dtype)
+    grad_out = torch.randn(B, H, Nq, D).to(dtype).to(DEVICE)
     dq, dk, dv = (nan_like(t.shape, dtype) for t in (q, k, v))
     dq, dk, dv = attention_backward(grad_out, q, k, v, out, lse, mask, dq=dq, dk=dk, dv=dv,
                                     block_m=16, block_n=16, q_splits=splits)
@@ -101,6 +107,7 @@ def test_backward_matches_float64_autograd(case):
         assert (dq[-1] == 0).all()
 
 
+@pytest.mark.kernel
 def test_query_splits_agree():
     q, k, v, mask = make(2, 1, 100, 20, 32, torch.float32, "random")
     out, lse = attention_forward(q, k, v, mask, block_m=16, block_n=32)
@@ -111,18 +118,19 @@ def test_query_splits_agree():
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.kernel
 def test_strided_inputs_and_default_blocks():
     """(B, N, H, D) projections viewed as (B, H, N, D) and an expanded dO: no copies needed."""
     B, H, Nq, Nk, D = 2, 3, 45, 38, 16
-    q = torch.randn(B, Nq, H, D).transpose(1, 2)
-    kv = torch.randn(B, Nk, 2, H, D)
+    q = torch.randn(B, Nq, H, D, device=DEVICE).transpose(1, 2)
+    kv = torch.randn(B, Nk, 2, H, D, device=DEVICE)
     k, v = kv[:, :, 0].transpose(1, 2), kv[:, :, 1].transpose(1, 2)
-    mask = torch.rand(B, Nk) > 0.5
+    mask = torch.rand(B, Nk, device=DEVICE) > 0.5
     mask[:, 3] = True
-    out, lse = attention_forward(q, k, v, mask)  # the interpreter's default tiles
+    out, lse = attention_forward(q, k, v, mask)  # the interpreter's default tiles, or the GPU's autotuning
     ref, _ = reference(q, k, v, mask)
     torch.testing.assert_close(out.double(), ref, **TOL[torch.float32])
-    grad_out = torch.randn(1, 1, 1, D).expand(B, H, Nq, D)
+    grad_out = torch.randn(1, 1, 1, D, device=DEVICE).expand(B, H, Nq, D)
     dq, dk, dv = attention_backward(grad_out, q, k, v, out, lse, mask)
     q64, k64, v64 = (t.double().requires_grad_() for t in (q, k, v))
     reference(q64, k64, v64, mask)[0].backward(grad_out.double())
@@ -130,6 +138,7 @@ def test_strided_inputs_and_default_blocks():
         torch.testing.assert_close(got.double(), want, **GRAD_TOL[torch.float32])
 
 
+@pytest.mark.kernel
 def test_long_key_sequence():
     """64k + 1 keys (one partial tile at the end), a few queries, wide key tiles to stay quick."""
     q, k, v, mask = make(1, 1, 3, 65537, 16, torch.float32, "random")
@@ -143,6 +152,26 @@ def test_long_key_sequence():
     reference(q64, k64, v64, mask)[0].backward(g.double())
     for got, want in ((dq, q64.grad), (dk, k64.grad), (dv, v64.grad)):
         torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.kernel
+@pytest.mark.kernel
+@pytest.mark.skipif(not ON_GPU, reason="8k tokens: too slow for the interpreter")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("Nq,Nk,mask_kind", [(8191, 8191, None), (8192, 77, "one_empty")])
+def test_autotuned_kernels_at_unet_sizes(dtype, Nq, Nk, mask_kind):
+    """The autotuned GPU configs at the UNet's self-attention (8k latent tokens) and cross-attention sizes."""
+    q, k, v, mask = make(2, 2, Nq, Nk, 32, dtype, mask_kind)
+    out, lse = attention_forward(q, k, v, mask, out=nan_like(q.shape, dtype), lse=nan_like(q.shape[:3], torch.float32))
+    grad_out = torch.randn_like(q)
+    dq, dk, dv = attention_backward(grad_out, q, k, v, out, lse, mask, dq=nan_like(q.shape, dtype),
+                                    dk=nan_like(k.shape, dtype), dv=nan_like(v.shape, dtype))
+    q64, k64, v64 = (t.double().requires_grad_() for t in (q, k, v))
+    ref, _ = reference(q64, k64, v64, mask)
+    ref.backward(grad_out.double())
+    torch.testing.assert_close(out.double(), ref.detach(), **TOL[dtype])
+    for got, want in ((dq, q64.grad), (dk, k64.grad), (dv, v64.grad)):
+        torch.testing.assert_close(got.double(), want, **GRAD_TOL[dtype])
 
 
 # ------------------------------------------------------------------------------------ ops seam

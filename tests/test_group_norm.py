@@ -15,6 +15,8 @@ from text2ct_engine.kernels.group_norm import GroupNormConfig, group_norm_bwd, g
 from text2ct_engine.ops import BACKENDS, backend, choose_group_norm_backend, cpp_ext, group_norm
 from text2ct_engine.ops.group_norm import group_norm_torch
 
+from kernel_device import DEVICE, ON_GPU
+
 gn_ops = importlib.import_module("text2ct_engine.ops.group_norm")  # the module (ops.group_norm is the function)
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -34,7 +36,7 @@ needs_cpp = pytest.mark.skipif(not _cpp_built(), reason=f"C++ kernel not built: 
 
 
 def make(shape, dtype=torch.float32, channels_last=False, scale=2.0, offset=3.0):
-    """x = randn * scale + offset (never zeros), optionally channels_last(_3d); weight, bias, add."""
+    """x = randn * scale + offset (never zeros), optionally channels_last(_3d); weight, bias, add; on DEVICE."""
     x = (torch.randn(shape, dtype=torch.float64) * scale + offset).to(dtype)
     if channels_last:
         x = x.to(memory_format=torch.channels_last_3d if x.dim() == 5 else torch.channels_last)
@@ -42,7 +44,7 @@ def make(shape, dtype=torch.float32, channels_last=False, scale=2.0, offset=3.0)
     w = (torch.randn(c) * 0.5 + 1.0).to(dtype)
     b = (torch.randn(c) * 0.5 + 0.2).to(dtype)
     a = (torch.randn(shape[0], c) * 0.7 - 0.3).to(dtype)
-    return x, w, b, a
+    return tuple(t.to(DEVICE) for t in (x, w, b, a))
 
 
 def ref(x, g, w=None, b=None, add=None, eps=1e-6, act=None):
@@ -87,6 +89,7 @@ def with_layouts(cases):
             for case in cases for cl in (False, True) if not (cl and len(case[0]) == 3)]
 
 
+@pytest.mark.kernel
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape,groups,config,channels_last", with_layouts([
     ((2, 6, 3, 5, 7), 3, None),          # 5D, odd spatial, one program per group
@@ -107,6 +110,7 @@ def test_triton_forward(dtype, channels_last, shape, groups, config):
     torch.testing.assert_close(rstd.double(), (u.var(-1, unbiased=False) + 1e-6).rsqrt(), rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.kernel
 @pytest.mark.parametrize("act,affine,use_add", [(None, False, False), (None, True, False), ("silu", False, True)])
 def test_triton_forward_options(act, affine, use_add):
     x, w, b, a = make((2, 8, 2, 3, 5))
@@ -116,6 +120,7 @@ def test_triton_forward_options(act, affine, use_add):
     close(y, ref(x, 2, w, b, a, 1e-5, act), torch.float32)
 
 
+@pytest.mark.kernel
 def test_triton_forward_large_mean_is_stable():
     # |mean| / std = 1000: a one-pass sum of squares in fp32 would lose the variance
     x, w, b, _ = make((2, 4, 2, 3, 5), scale=1.0, offset=1000.0)
@@ -124,6 +129,7 @@ def test_triton_forward_large_mean_is_stable():
         torch.testing.assert_close(y.double(), ref(x, 2, w, b), rtol=1e-3, atol=1e-3)
 
 
+@pytest.mark.kernel
 def test_triton_forward_odd_input_layouts():
     x, w, b, a = make((2, 4, 2, 3, 10))
     sliced = x[..., ::2]  # spatial dims do not collapse: copied to contiguous first
@@ -144,6 +150,7 @@ def _float64_grads(x, w, b, a, groups, act, dy):
     return [t.grad for t in leaves]
 
 
+@pytest.mark.kernel
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("channels_last", [False, True], ids=["contig", "cl"])
 @pytest.mark.parametrize("split", [False, True], ids=["whole", "split"])
@@ -152,7 +159,7 @@ def test_triton_backward(dtype, channels_last, split):
     x, w, b, a = make(shape, dtype, channels_last)
     cfg = SPLIT if split else None
     _, mean, rstd = group_norm_fwd(x, groups, w, b, a, 1e-6, "silu", config=cfg)
-    dy = (torch.randn(shape) + 0.3).to(dtype)  # contiguous even when x is channels_last
+    dy = (torch.randn(shape) + 0.3).to(dtype).to(DEVICE)  # contiguous even when x is channels_last
     out = poisoned(x)
     dx, dw, db, da = group_norm_bwd(dy, x, w, b, a, mean, rstd, groups, "silu", dx_out=out, config=cfg)
     assert dx.data_ptr() == out.data_ptr()
@@ -163,6 +170,22 @@ def test_triton_backward(dtype, channels_last, split):
     close_sum(da, ga, dtype, "dadd")
 
 
+@pytest.mark.kernel
+@pytest.mark.skipif(not ON_GPU, reason="GPU-sized groups: too slow for the interpreter")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+@pytest.mark.parametrize("channels_last", [False, True], ids=["contig", "cl"])
+def test_triton_default_tiles_at_network_sizes(dtype, channels_last):
+    """The GPU's own tiling (many programs per group, several tiles per program) on a VAE-like layer."""
+    x, w, b, a = make((2, 64, 67, 61, 33), dtype, channels_last)
+    y, mean, rstd = group_norm_fwd(x, 32, w, b, a, 1e-6, "silu", out=poisoned(x))
+    close(y, ref(x, 32, w, b, a, act="silu"), dtype, "y")
+    dy = (torch.randn(x.shape, device=DEVICE) + 0.3).to(dtype)
+    dx, dw, db, da = group_norm_bwd(dy, x, w, b, a, mean, rstd, 32, "silu", dx_out=poisoned(x))
+    for got, want, what in zip((dx, dw, db, da), _float64_grads(x, w, b, a, 32, "silu", dy), "xwba"):
+        (close if what == "x" else close_sum)(got, want, dtype, f"d{what}")
+
+
+@pytest.mark.kernel
 @pytest.mark.parametrize("act", [None, "silu"])
 def test_triton_backward_without_affine_or_add(act):
     x = make((2, 6, 2, 3, 5))[0]
@@ -178,19 +201,20 @@ def test_triton_backward_without_affine_or_add(act):
 # ------------------------------------------------------------------------------------------------------
 # the public op on every CPU backend: forward, autograd, dtypes of gradients
 # ------------------------------------------------------------------------------------------------------
+@pytest.mark.kernel
 @pytest.mark.parametrize("name", ["triton", "cpp", "torch", "auto"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("channels_last", [False, True], ids=["contig", "cl"])
 def test_op_autograd(name, dtype, channels_last):
-    if name == "cpp" and not _cpp_built():
-        pytest.skip("C++ kernel not built")
+    if name == "cpp" and (ON_GPU or not _cpp_built()):
+        pytest.skip("C++ kernel not built" if not ON_GPU else "the C++ kernel is for CPU tensors")
     x, w, b, a = make((2, 6, 3, 4, 5), dtype, channels_last)
     leaves = [t.detach().clone().requires_grad_() for t in (x, w, b, a)]
     with backend(name):
         y = group_norm(leaves[0], 3, leaves[1], leaves[2], act="silu", add=leaves[3])
     assert y.dtype == dtype and y.shape == x.shape and y.stride() == x.stride()
     close(y, ref(x, 3, w, b, a, act="silu"), dtype, "y")
-    dy = (torch.randn(x.shape) + 0.2).to(dtype)
+    dy = (torch.randn(x.shape) + 0.2).to(dtype).to(DEVICE)
     y.backward(dy)
     for got, want, t in zip((t.grad for t in leaves), _float64_grads(x, w, b, a, 3, "silu", dy), leaves):
         assert got.dtype == t.dtype and got.shape == t.shape
