@@ -159,7 +159,7 @@ def test_load_errors_are_one_line(tmp_path):
         CLIPTextModelWithProjection(cfg).load_hf_state_dict(sd)
     assert "missing 1 key(s): text_model.encoder.layers.1.mlp.fc2.bias" in str(err.value)
     assert "\n" not in str(err.value)
-    with pytest.raises(FileNotFoundError, match="no config.json"):
+    with pytest.raises(ValueError, match="config.json is missing"):
         CLIPTextModelWithProjection.from_pretrained(tmp_path)
 
 

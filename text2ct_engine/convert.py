@@ -10,7 +10,6 @@ with a JSON file of MONAI keyword arguments (``--unet-config``, ``--vae-config``
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import pickle
 import re
@@ -21,7 +20,9 @@ import tempfile
 import torch
 
 from .cli import run_guarded
+from .io_utils import read_json_object
 from .models import AutoencoderKL, DiffusionUNet
+from .models.serialization import strict_load
 from .pipeline import PipelineConfig, Text2CTPipeline
 
 STATE_KEYS = ("unet_state_dict", "autoencoder_state_dict", "state_dict", "model_state_dict", "model",
@@ -76,36 +77,16 @@ def find_state_dict(ckpt: dict, path: str, preferred: tuple[str, ...] = ()) -> t
 
 def load_into(model: torch.nn.Module, sd: dict, path: str) -> None:
     """``load_state_dict(strict=True)`` with a one-line explanation of any mismatch."""
-    own = model.state_dict()
-    missing = sorted(set(own) - set(sd))
-    unexpected = sorted(set(sd) - set(own))
-    wrong = sorted(k for k in set(own) & set(sd) if own[k].shape != sd[k].shape)
-    if missing or unexpected or wrong:
-        parts = []
-        if missing:
-            parts.append(f"{len(missing)} missing keys (e.g. {', '.join(missing[:3])})")
-        if unexpected:
-            parts.append(f"{len(unexpected)} unexpected keys (e.g. {', '.join(unexpected[:3])})")
-        if wrong:
-            k = wrong[0]
-            parts.append(f"{len(wrong)} shape mismatches (e.g. {k}: {tuple(sd[k].shape)} vs "
-                         f"{tuple(own[k].shape)})")
-        raise ConvertError(f"{path}: does not fit {type(model).__name__} with this configuration: "
-                           f"{'; '.join(parts)}; pass the matching --{'unet' if 'UNet' in type(model).__name__ else 'vae'}-config")
-    model.load_state_dict(sd, strict=True)
+    try:
+        strict_load(model, sd, f"{path}:")
+    except ValueError as err:
+        flag = "--unet-config" if isinstance(model, DiffusionUNet) else "--vae-config"
+        raise ConvertError(f"{err}; pass the matching {flag}") from None
 
 
 def read_config(path: str | None) -> dict:
-    if path is None:
-        return {}
-    try:
-        with open(path) as f:
-            cfg = json.load(f)
-    except (OSError, json.JSONDecodeError) as err:
-        raise ConvertError(f"{path}: cannot read the JSON config ({err})") from None
-    if not isinstance(cfg, dict):
-        raise ConvertError(f"{path}: the config must be a JSON object of keyword arguments")
-    return cfg
+    """A JSON object of keyword arguments ({} for no file)."""
+    return read_json_object(path, "JSON config") if path is not None else {}
 
 
 def build(cls, kwargs: dict, path: str | None):

@@ -1,4 +1,4 @@
-"""Atomic file writes: write to a temporary file in the same folder, then rename over the target."""
+"""Atomic file writes (a temporary file in the same folder, renamed over the target) and JSON reading."""
 from __future__ import annotations
 
 import contextlib
@@ -28,3 +28,15 @@ def write_json(path: str | os.PathLike, obj: Any) -> None:
     with atomic_path(path) as tmp, open(tmp, "w") as f:
         json.dump(obj, f, indent=2)
         f.write("\n")
+
+
+def read_json_object(path: str | os.PathLike, what: str = "JSON file") -> dict[str, Any]:
+    """The JSON object in ``path``; an unreadable file or another kind of JSON value is a one-line ValueError."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            obj = json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"{path}: cannot read the {what} ({err})") from None
+    if not isinstance(obj, dict):
+        raise ValueError(f"{path}: the {what} must be a JSON object")
+    return obj

@@ -353,9 +353,11 @@ def sampling_step(s: Setup, unet: DiffusionUNet, vae: AutoencoderKL) -> None:
         x = s.scheduler.step(v, t, x, t_next)[0]
 
 
-def decode_step(s: Setup, unet: DiffusionUNet, vae: AutoencoderKL, slab: int | None = None) -> None:
+def decode_step(s: Setup, unet: DiffusionUNet, vae: AutoencoderKL, slab: int | None = None,
+                host_memory: str = "low") -> None:
     """Latents -> HU volumes as ``Text2CTPipeline.decode_latents`` does, with UNet and VAE weights resident;
-    ``slab`` None for the plain decode, else the exact tiled decode storing activations on the host."""
+    ``slab`` None for the plain decode, else the exact tiled decode storing activations on the host in its
+    ``host_memory`` mode (``low``: recompute the full-resolution level, ``fast``: store every activation)."""
     materialize(unet.eval(), s.device, s.dtype)
     materialize(vae.eval(), s.device, s.dtype)
     config = s.pipeline(unet, vae).config
@@ -365,7 +367,7 @@ def decode_step(s: Setup, unet: DiffusionUNet, vae: AutoencoderKL, slab: int | N
         volumes = []
         for z in latents / config.scale_factor:
             z = z[None].to(s.device, s.dtype)
-            image = vae.decode(z) if slab is None else tiled_decode(vae, z, slab, storage=s.host)
+            image = vae.decode(z) if slab is None else tiled_decode(vae, z, slab, s.host, host_memory)
             image = image[0, 0].float()
             volumes.append((image.clamp(0, 1) * (hi - lo) + lo).to(s.host))
         torch.stack(volumes)
@@ -423,7 +425,7 @@ def training_step(s: Setup, unet: DiffusionUNet, vae: AutoencoderKL, checkpointi
 @dataclass
 class PhasePlan:
     """One planned phase: device and host peaks (bytes), where the device peak happened, notes."""
-    key: str  # sample | decode_untiled | decode_tiled | train | train_ckpt
+    key: str  # sample | decode_untiled | decode_tiled | decode_tiled_fast | train | train_ckpt
     phase: str
     device_bytes: int
     host_bytes: int
@@ -497,9 +499,10 @@ def plan(s: Setup, what: str = "all", backend: str = "triton") -> list[PhasePlan
         b2 = f"batch {2 * s.batch} = cond + uncond"
         rows.append(run_phase("sample", f"sample: CFG UNet step ({b2})", sampling_step, s, resident, backend))
         rows.append(run_phase("decode_untiled", "decode: VAE, untiled", decode_step, s, resident, backend))
-        rows.append(run_phase("decode_tiled", f"decode: VAE, exact tiled, slab {s.slab}",
-                              partial(decode_step, slab=s.slab), s, f"{resident}; activations on the host",
-                              backend))
+        for mode, key in (("low", "decode_tiled"), ("fast", "decode_tiled_fast")):
+            rows.append(run_phase(key, f"decode: VAE, exact tiled, slab {s.slab}, host_memory={mode}",
+                                  partial(decode_step, slab=s.slab, host_memory=mode), s,
+                                  f"{resident}; activations on the host", backend))
     if what in ("train", "all"):
         n = sum(_prod(p.shape) for p in unet.parameters())
         compute = "" if s.dtype == torch.float32 else f", {_name(s.dtype)} compute"
@@ -538,8 +541,9 @@ def summary(rows: Sequence[PhasePlan]) -> list[str]:
     by = {r.key: r for r in rows}
     out = []
     if "sample" in by:
-        for kind in ("tiled", "untiled"):
-            d = by[f"decode_{kind}"]
+        for key, kind in (("tiled", "tiled (host_memory=low)"), ("tiled_fast", "tiled (host_memory=fast)"),
+                          ("untiled", "untiled")):
+            d = by[f"decode_{key}"]
             peak = max(by["sample"].device_gib, d.device_gib)
             out.append(f"sampling with the {kind} decode: {peak:.2f} GiB device, {d.host_gib:.2f} GiB host")
     for key, label in (("train", "training"), ("train_ckpt", "training with gradient checkpointing")):

@@ -11,7 +11,7 @@ from typing import Sequence
 
 import torch
 
-from .models import CLIPTextModelWithProjection, convert_text2ct_clip_state_dict
+from .models import CLIP3D, CLIPTextModelWithProjection, convert_text2ct_clip_state_dict
 from .tokenizer import CLIPTokenizer
 
 CLIP_DIR, TOKENIZER_FILE = "clip", "tokenizer.json"
@@ -30,17 +30,15 @@ def load_text_side(directory: str | os.PathLike, device: torch.device,
     tok_path = os.path.join(directory, TOKENIZER_FILE)
     if not os.path.isfile(tok_path):
         raise ValueError(f"{directory} has clip/ but no {TOKENIZER_FILE}: prompts cannot be tokenized")
-    try:
-        encoder = CLIPTextModelWithProjection.from_pretrained(clip_dir, device=device, dtype=dtype).eval()
-    except FileNotFoundError as err:
-        raise ValueError(str(err)) from None
+    encoder = CLIPTextModelWithProjection.from_pretrained(clip_dir, device=device, dtype=dtype)
     tokenizer = CLIPTokenizer.from_file(tok_path, context_length=encoder.config.max_position_embeddings)
     check_text_side(encoder, tokenizer, str(directory))
     return encoder, tokenizer
 
 
-def save_text_side(directory: str | os.PathLike, encoder: CLIPTextModelWithProjection,
+def save_text_side(directory: str | os.PathLike, encoder: CLIPTextModelWithProjection | CLIP3D,
                    tokenizer: CLIPTokenizer | None) -> None:
+    """Write ``clip/`` and ``tokenizer.json``; ``clip/`` may hold a whole CLIP3D (its text tower is read)."""
     if tokenizer is None:
         raise ValueError("a text encoder is saved together with its tokenizer")
     encoder.save_pretrained(os.path.join(directory, CLIP_DIR))

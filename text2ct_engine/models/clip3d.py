@@ -8,7 +8,6 @@ State-dict layout is HF ``CLIPModel``'s: ``text_model.*``, ``text_projection.wei
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass, field, replace
 from typing import Any, Mapping, NamedTuple
 
@@ -16,9 +15,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .clip_text import (CLIPTextConfig, CLIPTextModelWithProjection, _strict_load, empty_model,
-                        convert_text2ct_clip_state_dict, load_model_dir, save_model_dir)
+from .clip_text import CLIPTextConfig, CLIPTextModelWithProjection, convert_text2ct_clip_state_dict
 from .clip_vision3d import CLIPVisionModel3D, VisionConfig3D
+from .serialization import PretrainedMixin
 
 __all__ = ["CLIP3DConfig", "CLIP3D", "CLIP3DOutput", "clip_contrastive_loss", "convert_text2ct_clip_state_dict",
            "LOGIT_SCALE_MAX"]
@@ -90,8 +89,14 @@ class CLIP3DOutput(NamedTuple):
     volume_embeds: torch.Tensor  # (B, P), normalised
 
 
-class CLIP3D(nn.Module):
-    """Text tower + volume tower + ``logit_scale``; ``forward`` gives logits and the contrastive loss."""
+class CLIP3D(PretrainedMixin, nn.Module):
+    """Text tower + volume tower + ``logit_scale``; ``forward`` gives logits and the contrastive loss.
+
+    ``save_pretrained``/``from_pretrained``: a directory (``config.json`` + ``model.safetensors``) that the
+    text and volume towers also load from.
+    """
+
+    config_class = CLIP3DConfig
 
     def __init__(self, config: CLIP3DConfig) -> None:
         super().__init__()
@@ -135,14 +140,7 @@ class CLIP3D(nn.Module):
         loss = clip_contrastive_loss(t, v, self.logit_scale) if return_loss else None
         return CLIP3DOutput(loss, logits_per_text, logits_per_text.t(), t, v)
 
-    def save_pretrained(self, directory: str | os.PathLike) -> None:
-        """Write ``config.json`` + ``model.safetensors`` (atomic: temp file + rename)."""
-        save_model_dir(directory, self.config.to_dict(), self.state_dict())
+    def set_gradient_checkpointing(self, enabled: bool = True) -> None:
+        """Recompute every transformer block of both towers in backward instead of keeping activations."""
+        self.text_model.encoder.gradient_checkpointing = self.vision_model.gradient_checkpointing = enabled
 
-    @classmethod
-    def from_pretrained(cls, directory: str | os.PathLike, device: str | torch.device = "cpu",
-                        dtype: torch.dtype | None = None) -> "CLIP3D":
-        config_dict, sd = load_model_dir(directory, device)
-        model = empty_model(cls, CLIP3DConfig.from_dict(config_dict), device)
-        _strict_load(model, sd, "CLIP3D")
-        return model.to(dtype) if dtype is not None else model

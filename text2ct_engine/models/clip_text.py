@@ -12,16 +12,13 @@ Parameter names follow Hugging Face ``transformers``, so their weights load with
 The UNet's cross-attention context is ``encode_context(ids)``: the pooled, projected, L2-normalised text
 embedding as a one-token sequence (B, 1, projection_dim); Text2CT uses projection_dim = 768.
 
-Also here: :func:`convert_text2ct_clip_state_dict` (a Text2CT/CT-CLIP-style checkpoint -> this tower) and
-the model-directory helpers (``config.json`` + ``model.safetensors``, written atomically).
+Also here: :func:`convert_text2ct_clip_state_dict` (a Text2CT/CT-CLIP-style checkpoint -> this tower).
+Model directories (``config.json`` + ``model.safetensors``) come from :class:`.serialization.PretrainedMixin`.
 """
 from __future__ import annotations
 
-import json
-import os
 import re
 from dataclasses import asdict, dataclass, fields, replace
-from pathlib import Path
 from typing import Any, Callable, Mapping, NamedTuple
 
 import torch
@@ -30,11 +27,11 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from .. import ops
-from ..io_utils import atomic_path, write_json
+from .serialization import PretrainedMixin, strict_load
 
 __all__ = [
     "CLIPTextConfig", "CLIPTextTransformer", "CLIPTextModelWithProjection", "CLIPTextOutput",
-    "CLIPEncoderLayer", "convert_text2ct_clip_state_dict", "save_model_dir", "load_model_dir",
+    "CLIPEncoderLayer", "convert_text2ct_clip_state_dict",
 ]
 
 # --------------------------------------------------------------------------------------------- config
@@ -272,12 +269,14 @@ def _init_clip_weights(module: nn.Module, num_layers: int, std: float = 0.02) ->
             nn.init.zeros_(m.fc2.bias)
 
 
-class CLIPTextModelWithProjection(nn.Module):
+class CLIPTextModelWithProjection(PretrainedMixin, nn.Module):
     """Text tower + projection (HF ``CLIPTextModelWithProjection`` names): prompt ids -> UNet context.
 
     ``forward`` returns HF's outputs (``text_embeds`` unnormalised); ``encode`` gives the L2-normalised
     embedding (B, P) and ``encode_context`` the cross-attention context (B, 1, P).
     """
+
+    config_class = CLIPTextConfig
 
     def __init__(self, config: CLIPTextConfig, gradient_checkpointing: bool = False,
                  text_model: CLIPTextTransformer | None = None, text_projection: nn.Linear | None = None) -> None:
@@ -315,87 +314,28 @@ class CLIPTextModelWithProjection(nn.Module):
     def load_hf_state_dict(self, state_dict: Mapping[str, torch.Tensor]) -> None:
         """Load, strictly, HF ``CLIPTextModelWithProjection`` / ``CLIPModel`` (text part) / ``CLIPTextModel``
         weights (v4 ``text_model.`` prefix or v5 bare names; the latter only if ``projection_dim`` is None)."""
-        sd = {k: v for k, v in state_dict.items() if not k.endswith("position_ids")}
-        if not any(k.startswith("text_model.") for k in sd):
-            sd = {"text_model." + k: v for k, v in sd.items()}
-        if any(k.startswith(("vision_model.", "visual_projection.")) for k in sd):
-            sd = {k: v for k, v in sd.items() if k.startswith(("text_model.", "text_projection."))}
-        _strict_load(self, sd, "CLIP text tower")
-
-    def save_pretrained(self, directory: str | os.PathLike) -> None:
-        """Write ``config.json`` + ``model.safetensors`` (atomic: temp file + rename)."""
-        save_model_dir(directory, self.config.to_dict(), self.state_dict())
+        strict_load(self, _text_weights(state_dict), "CLIP text tower weights")
 
     @classmethod
-    def from_pretrained(cls, directory: str | os.PathLike, device: str | torch.device = "cpu",
-                        dtype: torch.dtype | None = None) -> "CLIPTextModelWithProjection":
-        """Load a directory written by :meth:`save_pretrained`, by ``transformers`` (safetensors), or by
-        ``CLIP3D.save_pretrained`` (its text tower is taken)."""
-        config_dict, sd = load_model_dir(directory, device)
-        config = CLIPTextConfig.from_dict(config_dict)
-        if not any(k.startswith("text_projection") for k in sd):  # a bare HF CLIPTextModel: no projection
+    def select_weights(cls, config: CLIPTextConfig, state: dict[str, torch.Tensor]
+                       ) -> tuple[CLIPTextConfig, dict[str, torch.Tensor]]:
+        """``from_pretrained`` reads our directories, ``transformers``' (safetensors) and ``CLIP3D``'s (its text
+        tower is taken); a bare HF ``CLIPTextModel`` (no projection) gives ``projection_dim=None``."""
+        state = _text_weights(state)
+        if "text_projection.weight" not in state:
             config = replace(config, projection_dim=None)
-        model = empty_model(cls, config, device)
-        model.load_hf_state_dict(sd)
-        return model.to(dtype) if dtype is not None else model
+        return config, state
 
 
-# --------------------------------------------------------------------------------------------- I/O helpers
-
-
-def empty_model(cls: type, config: Any, device: str | torch.device) -> nn.Module:
-    """``cls(config)`` with uninitialised storage on ``device`` (built on meta: no wasted init before a load)."""
-    with torch.device("meta"):
-        model = cls(config)
-    return model.to_empty(device=device)
-
-
-def _strict_load(module: nn.Module, state_dict: Mapping[str, torch.Tensor], what: str) -> None:
-    """``load_state_dict(strict=True)`` with one clear line on a mismatch."""
-    own = module.state_dict()
-    missing = [k for k in own if k not in state_dict]
-    unexpected = [k for k in state_dict if k not in own]
-    if missing or unexpected:
-        parts = []
-        if missing:
-            parts.append(f"missing {len(missing)} key(s): {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}")
-        if unexpected:
-            parts.append(f"unexpected {len(unexpected)} key(s): {', '.join(unexpected[:5])}"
-                         f"{' ...' if len(unexpected) > 5 else ''}")
-        raise ValueError(f"{what}: weights do not fit the config: {'; '.join(parts)}")
-    bad = [f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in state_dict.items()
-           if tuple(v.shape) != tuple(own[k].shape)]
-    if bad:
-        raise ValueError(f"{what}: weights do not fit the config: shape mismatch {'; '.join(bad[:3])}")
-    module.load_state_dict(state_dict, strict=True, assign=any(p.is_meta for p in own.values()))
-
-
-def save_model_dir(directory: str | os.PathLike, config: Mapping[str, Any],
-                   state_dict: Mapping[str, torch.Tensor]) -> None:
-    """Write ``model.safetensors`` then ``config.json`` into ``directory``, each via temp file + rename."""
-    from safetensors.torch import save_file
-
-    d = Path(directory)
-    d.mkdir(parents=True, exist_ok=True)
-    tensors = {k: v.detach().to("cpu").contiguous() for k, v in state_dict.items()}
-    with atomic_path(d / "model.safetensors") as tmp:
-        save_file(tensors, tmp, metadata={"format": "pt"})
-    write_json(d / "config.json", dict(config))
-
-
-def load_model_dir(directory: str | os.PathLike,
-                   device: str | torch.device = "cpu") -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    """(config dict, state dict) from ``directory``'s ``config.json`` + ``model.safetensors``."""
-    from safetensors.torch import load_file
-
-    d = Path(directory)
-    for name in ("config.json", "model.safetensors"):
-        if not (d / name).is_file():
-            raise FileNotFoundError(f"{d}: no {name} (expected a model directory with config.json + "
-                                    f"model.safetensors)")
-    with open(d / "config.json") as f:
-        config = json.load(f)
-    return config, load_file(str(d / "model.safetensors"), device=str(device))
+def _text_weights(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The text tower's tensors under our (HF v4) names: drops ``position_ids`` and other towers' tensors
+    (``vision_model.*``, ``logit_scale`` ...), adds the ``text_model.`` prefix to HF v5 bare names."""
+    sd = {k: v for k, v in state_dict.items() if not k.endswith("position_ids")}
+    if not any(k.startswith("text_model.") for k in sd):
+        sd = {"text_model." + k: v for k, v in sd.items()}
+    if any(k.startswith(("vision_model.", "visual_projection.")) for k in sd):
+        sd = {k: v for k, v in sd.items() if k.startswith(("text_model.", "text_projection."))}
+    return sd
 
 
 # --------------------------------------------------------------------------------------------- converter

@@ -11,7 +11,6 @@ Names follow HF's CLIP vision tower where one exists (``embeddings.patch_embeddi
 """
 from __future__ import annotations
 
-import os
 from dataclasses import asdict, dataclass, fields
 from typing import Any, Mapping, NamedTuple, Sequence
 
@@ -19,8 +18,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .clip_text import (ACTIVATIONS, CLIPEncoder, CLIPEncoderLayer, _check_positive, _init_clip_weights,
-                        _strict_load, empty_model, load_model_dir, save_model_dir)
+from .clip_text import ACTIVATIONS, CLIPEncoder, CLIPEncoderLayer, _check_positive, _init_clip_weights
+from .serialization import PretrainedMixin
 
 __all__ = ["VisionConfig3D", "VisionTransformer3D", "CLIPVisionModel3D", "CLIPVisionOutput3D"]
 
@@ -179,11 +178,13 @@ def init_vision_weights(model: VisionTransformer3D) -> None:
         nn.init.normal_(emb.class_embedding, std=model.config.hidden_size ** -0.5)
 
 
-class CLIPVisionModel3D(nn.Module):
+class CLIPVisionModel3D(PretrainedMixin, nn.Module):
     """Volume tower + projection: ``vision_model.*`` + ``visual_projection.weight``.
 
     ``encode(volume)`` -> (B, P) L2-normalised. ``save_pretrained``/``from_pretrained`` as the text tower.
     """
+
+    config_class = VisionConfig3D
 
     def __init__(self, config: VisionConfig3D, vision_model: VisionTransformer3D | None = None,
                  visual_projection: nn.Linear | None = None) -> None:
@@ -212,15 +213,8 @@ class CLIPVisionModel3D(nn.Module):
         """L2-normalised projected volume embedding, (B, P)."""
         return F.normalize(self(volume).volume_embeds, dim=-1)
 
-    def save_pretrained(self, directory: str | os.PathLike) -> None:
-        save_model_dir(directory, self.config.to_dict(), self.state_dict())
-
     @classmethod
-    def from_pretrained(cls, directory: str | os.PathLike, device: str | torch.device = "cpu",
-                        dtype: torch.dtype | None = None) -> "CLIPVisionModel3D":
-        """Load a directory of this class or of ``CLIP3D`` (its volume tower is taken)."""
-        config_dict, sd = load_model_dir(directory, device)
-        model = empty_model(cls, VisionConfig3D.from_dict(config_dict), device)
-        sd = {k: v for k, v in sd.items() if k.startswith(("vision_model.", "visual_projection."))}
-        _strict_load(model, sd, "3D CLIP volume tower")
-        return model.to(dtype) if dtype is not None else model
+    def select_weights(cls, config: VisionConfig3D, state: dict[str, torch.Tensor]
+                       ) -> tuple[VisionConfig3D, dict[str, torch.Tensor]]:
+        """A directory of this class or of ``CLIP3D`` (its volume tower is taken)."""
+        return config, {k: v for k, v in state.items() if k.startswith(("vision_model.", "visual_projection."))}

@@ -1,39 +1,69 @@
-"""``save_pretrained(dir)`` / ``from_pretrained(dir)`` for networks: ``config.json`` + ``model.safetensors``."""
+"""``save_pretrained(dir)`` / ``from_pretrained(dir)`` for every network: ``config.json`` + ``model.safetensors``.
+
+One piece of code for all model directories (VAE, UNet, the CLIP towers). A class adapts it through three
+hooks: :meth:`PretrainedMixin.config_dict` (what ``config.json`` holds), :meth:`PretrainedMixin.config_from_dict`
+(how it is read back) and :meth:`PretrainedMixin.select_weights` (which stored tensors it takes, e.g. the
+text tower out of a whole CLIP). Loading is strict and every problem is one-line ``ValueError``.
+"""
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
+from typing import Any, Mapping
 
 import torch
 from safetensors.torch import load_file, save_file
 
-from ..io_utils import atomic_path, write_json
+from ..io_utils import atomic_path, read_json_object, write_json
 
 CONFIG_NAME, WEIGHTS_NAME = "config.json", "model.safetensors"
 
 
+def _first(keys: list[str], n: int = 5) -> str:
+    return ", ".join(keys[:n]) + (" ..." if len(keys) > n else "")
+
+
+def strict_load(module: torch.nn.Module, state_dict: Mapping[str, torch.Tensor], what: str) -> None:
+    """``load_state_dict(strict=True)``; a mismatch is one line: ``{what} does not fit <class> ...``.
+
+    Tensors are assigned (not copied) into a module built on the meta device.
+    """
+    own = module.state_dict()
+    missing = [k for k in own if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in own]
+    wrong = [f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in state_dict.items()
+             if k in own and tuple(v.shape) != tuple(own[k].shape)]
+    parts = []
+    if missing:
+        parts.append(f"missing {len(missing)} key(s): {_first(missing)}")
+    if unexpected:
+        parts.append(f"unexpected {len(unexpected)} key(s): {_first(unexpected)}")
+    if wrong:
+        parts.append(f"shape mismatch {'; '.join(wrong[:3])}")
+    if parts:
+        raise ValueError(f"{what} does not fit {type(module).__name__} with this configuration: {'; '.join(parts)}")
+    module.load_state_dict(state_dict, strict=True, assign=any(p.is_meta for p in own.values()))
+
+
 class PretrainedMixin:
-    """Adds directory save/load to an ``nn.Module`` whose ``self.config`` is a ``config_class`` dataclass."""
+    """Adds directory save/load to an ``nn.Module`` built as ``cls(config)`` from a ``config_class``."""
 
     config_class: type
 
-    def save_pretrained(self, directory: str | os.PathLike) -> None:
-        """Write ``config.json`` and ``model.safetensors`` (each atomically) into ``directory``."""
-        os.makedirs(directory, exist_ok=True)
-        config = {"_class_name": type(self).__name__, **dataclasses.asdict(self.config)}
-        state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
-        with atomic_path(os.path.join(directory, WEIGHTS_NAME)) as tmp:
-            save_file(state, tmp, metadata={"format": "pt"})
-        write_json(os.path.join(directory, CONFIG_NAME), config)
+    # ------------------------------------------------------------------------------------ hooks
+    def config_dict(self) -> dict[str, Any]:
+        """The JSON object written as ``config.json``: the config's own ``to_dict()`` where it has one (the
+        CLIP configs, which mirror ``transformers``'), else the class name + the config's fields."""
+        if hasattr(self.config, "to_dict"):
+            return self.config.to_dict()
+        return {"_class_name": type(self).__name__, **dataclasses.asdict(self.config)}
 
     @classmethod
-    def load_config(cls, directory: str | os.PathLike):
-        path = os.path.join(directory, CONFIG_NAME)
-        if not os.path.isfile(path):
-            raise ValueError(f"{path} is missing: not a {cls.__name__} model directory")
-        with open(path) as f:
-            raw = json.load(f)
+    def config_from_dict(cls, raw: dict[str, Any], path: str):
+        """``config.json``'s object -> a ``config_class``: its own ``from_dict`` where it has one, else
+        checked here (same class name, no unknown keys)."""
+        if hasattr(cls.config_class, "from_dict"):
+            return cls.config_class.from_dict(raw)
         name = raw.pop("_class_name", cls.__name__)
         if name != cls.__name__:
             raise ValueError(f"{path} describes a {name}, not a {cls.__name__}")
@@ -44,22 +74,42 @@ class PretrainedMixin:
         return cls.config_class(**raw)
 
     @classmethod
+    def select_weights(cls, config, state: dict[str, torch.Tensor]) -> tuple[Any, dict[str, torch.Tensor]]:
+        """The (config, tensors) this class loads from what is stored (default: all, unchanged)."""
+        return config, state
+
+    # ------------------------------------------------------------------------------------ I/O
+    def save_pretrained(self, directory: str | os.PathLike) -> None:
+        """Write ``model.safetensors`` and ``config.json`` (each atomically) into ``directory``."""
+        os.makedirs(directory, exist_ok=True)
+        state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
+        with atomic_path(os.path.join(directory, WEIGHTS_NAME)) as tmp:
+            save_file(state, tmp, metadata={"format": "pt"})
+        write_json(os.path.join(directory, CONFIG_NAME), self.config_dict())
+
+    @classmethod
+    def load_config(cls, directory: str | os.PathLike):
+        """The ``config_class`` stored in ``directory/config.json``."""
+        path = os.path.join(directory, CONFIG_NAME)
+        if not os.path.isfile(path):
+            raise ValueError(f"{path} is missing: not a {cls.__name__} model directory")
+        try:
+            return cls.config_from_dict(read_json_object(path, "model config"), path)
+        except TypeError as err:
+            raise ValueError(f"{path}: invalid {cls.__name__} settings ({err})") from None
+
+    @classmethod
     def from_pretrained(cls, directory: str | os.PathLike, device: str | torch.device = "cpu",
                         dtype: torch.dtype | None = None):
-        """Build the network from ``config.json`` and load ``model.safetensors`` with ``strict=True``."""
+        """Build the network from ``config.json`` and load ``model.safetensors`` strictly; in eval mode."""
         config = cls.load_config(directory)
         path = os.path.join(directory, WEIGHTS_NAME)
         if not os.path.isfile(path):
             raise ValueError(f"{path} is missing: the model directory has no weights")
+        config, state = cls.select_weights(config, load_file(path, device=str(device)))
         with torch.device("meta"):
             model = cls(config)
-        state = load_file(path, device=str(device))
-        try:
-            model.load_state_dict(state, strict=True, assign=True)
-        except RuntimeError as err:
-            first = str(err).strip().splitlines()
-            raise ValueError(f"{path} does not fit the {cls.__name__} in {CONFIG_NAME}: "
-                             f"{' '.join(s.strip() for s in first[:3])}") from None
+        strict_load(model, state, path)
         if dtype is not None:
             model = model.to(dtype)
         return model.eval()

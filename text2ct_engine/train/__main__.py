@@ -6,6 +6,16 @@
 ``--model`` supplies the networks (its UNet is fine-tuned, or re-initialised with ``--from-scratch``; the
 VAE and text tower stay frozen); ``out/model`` is the trained model directory, ``out/checkpoint`` the
 resumable state (``--resume``), ``out/loss.jsonl`` the loss log.
+
+``python -m text2ct_engine.train clip``: train the 3D CLIP (volume + report towers, InfoNCE) on paired data::
+
+    python -m text2ct_engine.train clip --data data/phantom --tokenizer tokenizer.json --out runs/clip
+
+``out/model`` holds ``clip/`` + ``tokenizer.json``: copy both into a model directory (replacing its text
+side) before ``train ldm --model``; ``out/eval.jsonl`` logs held-out text -> volume recall@1/@5.
+
+``python -m text2ct_engine.train vae``: train or fine-tune the 3D VAE on random patches (``train/vae.py``);
+``out/model`` is a VAE directory (a model directory's ``vae/``).
 """
 from __future__ import annotations
 
@@ -17,7 +27,10 @@ from torch.utils.data import Dataset
 
 from ..cli import run_guarded
 from ..pipeline import Text2CTPipeline, resolve_device
+from .clip import add_parser as add_clip_parser
+from .common import add_config_flags
 from .ldm import LDMTrainConfig, compute_scale_factor, train_ldm
+from .vae import add_parser as add_vae_parser
 
 
 class CachedLatents(Dataset):
@@ -53,14 +66,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                      help="'model' (from pipeline.json), 'auto' (1/std of the cached latents) or a number")
     ldm.add_argument("--device", default="auto")
     ldm.add_argument("--resume", action="store_true", help="continue the run in --out")
-    defaults = LDMTrainConfig()
-    for name, value in vars(defaults).items():
-        if name == "gradient_checkpointing":
-            ldm.add_argument("--no-gradient-checkpointing", dest=name, action="store_false")
-        elif name == "ema_decay":
-            ldm.add_argument("--ema-decay", type=float, default=value, help="0 turns EMA off")
-        else:
-            ldm.add_argument(f"--{name.replace('_', '-')}", type=type(value), default=value)
+    add_config_flags(ldm, LDMTrainConfig, helps={"ema_decay": "default 0.999; 0 turns EMA off"})
+    add_vae_parser(sub)
+    add_clip_parser(sub)
     return p.parse_args(argv)
 
 
@@ -89,7 +97,7 @@ def run(args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    return run_guarded(lambda: run(args))
+    return run_guarded(lambda: getattr(args, "run", run)(args))
 
 
 if __name__ == "__main__":

@@ -1,13 +1,19 @@
-"""Pieces every training loop shares: EMA weights, resumable checkpoints, the loss log."""
+"""Pieces every training loop shares: EMA weights, resumable checkpoints, the loss log, run folders,
+resumable batch order, mixed precision, the optimizer step, the truncation note and held-out data."""
 from __future__ import annotations
 
+import argparse
 import contextlib
+import dataclasses
 import json
+import math
 import os
-from typing import Iterator
+import warnings
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 from safetensors.torch import load_file, save_file
+from torch.utils.data import DataLoader, Dataset, Subset
 
 from ..io_utils import atomic_path, write_json
 
@@ -56,8 +62,12 @@ def save_training_state(directory: str, step: int, model: torch.nn.Module, optim
 
 
 def load_training_state(directory: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                        ema: EMA | None) -> dict:
-    """Restore what :func:`save_training_state` wrote; returns ``state.json`` (with ``step``)."""
+                        ema: EMA | None, schedule: torch.optim.lr_scheduler.LRScheduler | None = None) -> dict:
+    """Restore what :func:`save_training_state` wrote; returns ``state.json`` (with ``step``).
+
+    ``schedule`` (created before this call) is moved to the checkpoint's step, so the next ``schedule.step()``
+    gives the learning rate of the step after it, as in an uninterrupted run.
+    """
     path = os.path.join(directory, "state.json")
     if not os.path.isfile(path):
         raise ValueError(f"cannot resume: {directory} holds no state.json (not a training checkpoint)")
@@ -68,7 +78,10 @@ def load_training_state(directory: str, model: torch.nn.Module, optimizer: torch
     optimizer.load_state_dict(torch.load(os.path.join(directory, "optimizer.pt"), map_location=device,
                                          weights_only=True))
     with open(path) as f:
-        return json.load(f)
+        state = json.load(f)
+    if schedule is not None:
+        schedule.last_epoch = int(state["step"])
+    return state
 
 
 class LossLog:
@@ -82,3 +95,160 @@ class LossLog:
         if self.path:
             with open(self.path, "a") as f:
                 f.write(json.dumps(row) + "\n")
+
+
+def open_run(out_dir: str, resume: bool) -> tuple[str, str, bool]:
+    """``(out/checkpoint, out/model, whether there is a checkpoint to resume)``; creates ``out_dir``.
+
+    Refuses a folder that already holds a run unless ``resume`` is set.
+    """
+    ckpt_dir, model_dir = os.path.join(out_dir, "checkpoint"), os.path.join(out_dir, "model")
+    if os.path.exists(ckpt_dir) and not resume:
+        raise ValueError(f"{out_dir} already holds a training run: pass --resume to continue it, or pick "
+                         f"another --out")
+    os.makedirs(out_dir, exist_ok=True)
+    return ckpt_dir, model_dir, resume and os.path.exists(ckpt_dir)
+
+
+def autocast_enabled(mixed_precision: str, device: torch.device) -> bool:
+    """bf16 autocast for ``"bf16"``, and for ``"auto"`` on CUDA; ``"no"`` computes in the weights' dtype."""
+    if mixed_precision not in ("auto", "bf16", "no"):
+        raise ValueError(f"mixed_precision must be auto, bf16 or no, got {mixed_precision!r}")
+    return mixed_precision == "bf16" or (mixed_precision == "auto" and device.type == "cuda")
+
+
+def warmup_schedule(optimizer: torch.optim.Optimizer, warmup_steps: int,
+                    cosine_steps: int | None = None) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warm-up to the optimizer's lr over ``warmup_steps``, then constant, or with ``cosine_steps``
+    a cosine decay that reaches 0 at step ``cosine_steps``.
+
+    Create it before loading the optimizer's state and pass it to :func:`load_training_state` on a resume.
+    """
+    def factor(s: int) -> float:
+        warm = min(1.0, (s + 1) / max(1, warmup_steps))
+        if cosine_steps is None or s < warmup_steps:
+            return warm
+        progress = min(1.0, (s - warmup_steps) / max(1, cosine_steps - warmup_steps))
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def resumable_batches(dataset: Dataset, batch_size: int, seed: int, start_step: int = 0, num_workers: int = 0,
+                      collate_fn: Callable[[list], Any] | None = None) -> Iterator[Any]:
+    """Endless shuffled batches for steps ``start_step, start_step + 1, ...`` (incomplete batches dropped).
+
+    Epoch e is a permutation drawn from ``seed + e``, so a resumed run gets exactly the batches the
+    uninterrupted run would have, without loading the ones it skips.
+    """
+    per_epoch = len(dataset) // batch_size
+    if per_epoch == 0:
+        raise ValueError(f"the data set has {len(dataset)} items, fewer than one batch of {batch_size}")
+    epoch, skip = divmod(start_step, per_epoch)
+    while True:
+        order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed + epoch)).tolist()
+        plan = [order[i * batch_size:(i + 1) * batch_size] for i in range(skip, per_epoch)]
+        yield from DataLoader(dataset, batch_sampler=plan, num_workers=num_workers, collate_fn=collate_fn)
+        epoch, skip = epoch + 1, 0
+
+
+def apply_gradients(loss: torch.Tensor, optimizer: torch.optim.Optimizer, grad_clip: float, step: int,
+                    schedule: torch.optim.lr_scheduler.LRScheduler | None = None) -> float:
+    """Backward, clip the gradient norm, step the optimizer (and schedule), clear the gradients.
+
+    Returns the gradient norm before clipping; a non-finite loss is a ``ValueError`` naming the step.
+    """
+    if not torch.isfinite(loss):
+        raise ValueError(f"the loss became {loss.item()} at step {step}: lower --lr, or check the data")
+    loss.backward()
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    norm = torch.nn.utils.clip_grad_norm_(params, grad_clip)
+    optimizer.step()
+    if schedule is not None:
+        schedule.step()
+    optimizer.zero_grad(set_to_none=True)
+    return float(norm)
+
+
+class TruncationNote:
+    """Turns the tokenizer's per-report truncation warnings into one note per run."""
+
+    def __init__(self, log: Callable[[str], None]) -> None:
+        self.log, self.given = log, False
+
+    @contextlib.contextmanager
+    def watch(self) -> Iterator[None]:
+        """Run tokenization inside this; other warnings pass through."""
+        from ..tokenizer import PromptTruncatedWarning
+
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", PromptTruncatedWarning)
+            yield
+        truncated = [w for w in caught if issubclass(w.category, PromptTruncatedWarning)]
+        for w in caught:
+            if w not in truncated:
+                warnings.showwarning(w.message, w.category, w.filename, w.lineno)
+        if truncated and not self.given:
+            self.given = True
+            self.log(f"note: reports longer than the text context are truncated ({truncated[0].message}); "
+                     f"further truncations are not reported")
+
+
+def held_out_split(root: str, size: Sequence[int] | None, spacing: Sequence[float] | None, mode: str, count: int,
+                   require_report: bool = True) -> tuple[Dataset, Dataset | None]:
+    """Training and held-out data from a CT-RATE-layout folder (CT-RATE or phantoms); items as
+    ``data.ctrate.CTRATEDataset`` gives them (pair with ``data.ctrate.collate``).
+
+    Held out: the first ``count`` items of the ``valid`` split when there is one, else the last ``count`` of
+    ``train`` (then left out of training); None for ``count`` 0. Problems are one-line ``ValueError``s.
+    """
+    from ..data.ctrate import CTRATEDataset, dataset_root, find_volume_dir
+    from ..data.errors import DataError
+
+    if not os.path.isdir(root):
+        raise ValueError(f"data directory {root} does not exist: point --data at a CT-RATE-layout folder "
+                         f"(python -m text2ct_engine.data.phantom writes one)")
+    try:
+        train = CTRATEDataset(root, "train", spacing, size, mode, require_report=require_report)
+        valid = (CTRATEDataset(root, "valid", spacing, size, mode, require_report=require_report)
+                 if count > 0 and find_volume_dir(dataset_root(root), "valid") else None)
+    except DataError as err:
+        raise ValueError(str(err)) from None
+    if len(train) == 0:
+        raise ValueError(f"{root} holds no usable training {'pair' if require_report else 'volume'}")
+    if count <= 0:
+        return train, None
+    if valid is not None and len(valid) > 0:
+        return train, Subset(valid, range(min(count, len(valid))))
+    if len(train) <= count:
+        raise ValueError(f"{root} has {len(train)} training items and no valid split to hold {count} out of: "
+                         f"hold out fewer (or 0)")
+    return Subset(train, range(len(train) - count)), Subset(train, range(len(train) - count, len(train)))
+
+
+PRECISIONS = ("auto", "bf16", "no")
+
+
+def add_config_flags(parser: argparse.ArgumentParser, config_cls: type, *, choices: dict | None = None,
+                     helps: dict | None = None, elem_types: dict | None = None,
+                     suppress_defaults: bool = False) -> None:
+    """One command-line flag per field of a training-config dataclass: ``--field-name`` (booleans that
+    default on: ``--no-field-name``; tuples: three values). ``elem_types`` gives the element type of tuple
+    fields whose default is None; ``suppress_defaults`` leaves unset flags out of the namespace (so a
+    config file can fill them)."""
+    defaults = config_cls()
+    choices = {"mixed_precision": PRECISIONS, **(choices or {})}
+    for f in dataclasses.fields(config_cls):
+        value, name = getattr(defaults, f.name), f.name.replace("_", "-")
+        shown = "on" if value is True else "none" if value is None else \
+            " ".join(map(str, value)) if isinstance(value, tuple) else value
+        kw = {"default": argparse.SUPPRESS if suppress_defaults else value,
+              "help": (helps or {}).get(f.name, f"default: {shown}")}
+        if isinstance(value, bool):
+            parser.add_argument(f"--no-{name}", dest=f.name, action="store_false", **kw)
+        elif isinstance(value, tuple) or f.name in (elem_types or {}):
+            elem = (elem_types or {}).get(f.name) or type(value[0])
+            parser.add_argument(f"--{name}", type=elem, nargs=3, metavar=("X", "Y", "Z"), **kw)
+        else:
+            parser.add_argument(f"--{name}", type=float if value is None else type(value),
+                                choices=choices.get(f.name), **kw)

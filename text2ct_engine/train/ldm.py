@@ -11,18 +11,17 @@ from __future__ import annotations
 import math
 import os
 import time
-import warnings
 from dataclasses import asdict, dataclass
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
 from ..pipeline import Text2CTPipeline
 from ..schedulers import RFlowScheduler
-from ..tokenizer import PromptTruncatedWarning
-from .common import EMA, LossLog, load_training_state, save_training_state
+from .common import (EMA, LossLog, TruncationNote, apply_gradients, autocast_enabled, load_training_state,
+                     open_run, resumable_batches, save_training_state, warmup_schedule)
 
 
 @dataclass
@@ -47,8 +46,6 @@ class LDMTrainConfig:
             raise ValueError("steps and batch_size must be at least 1")
         if not 0.0 <= self.cond_drop_prob <= 1.0:
             raise ValueError(f"cond_drop_prob must lie in [0, 1], got {self.cond_drop_prob}")
-        if self.mixed_precision not in ("auto", "bf16", "no"):
-            raise ValueError(f"mixed_precision must be auto, bf16 or no, got {self.mixed_precision!r}")
 
 
 def compute_scale_factor(latents: torch.Tensor) -> float:
@@ -90,71 +87,44 @@ def train_ldm(pipe: Text2CTPipeline, dataset: Dataset, cfg: LDMTrainConfig, out_
     ``out_dir/model`` the finished model directory (EMA weights when kept), ``out_dir/loss.jsonl`` the log.
     """
     cfg.validate()
-    ckpt_dir, model_dir = os.path.join(out_dir, "checkpoint"), os.path.join(out_dir, "model")
-    if os.path.exists(ckpt_dir) and not resume:
-        raise ValueError(f"{out_dir} already holds a training run: pass --resume to continue it, or pick "
-                         f"another --out")
-    os.makedirs(out_dir, exist_ok=True)
     device, unet = pipe.device, pipe.unet
-    autocast = cfg.mixed_precision == "bf16" or (cfg.mixed_precision == "auto" and device.type == "cuda")
+    autocast = autocast_enabled(cfg.mixed_precision, device)
+    ckpt_dir, model_dir, resuming = open_run(out_dir, resume)
     unet.train()
     unet.set_gradient_checkpointing(cfg.gradient_checkpointing)
     for frozen in (pipe.vae, pipe.text_encoder):
         if frozen is not None:
             frozen.eval().requires_grad_(False)
     optimizer = torch.optim.AdamW(unet.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / max(1, cfg.warmup_steps)))
+    schedule = warmup_schedule(optimizer, cfg.warmup_steps)
     ema = EMA(unet, cfg.ema_decay) if cfg.ema_decay else None
     step = 0
-    if resume and os.path.exists(ckpt_dir):
-        step = int(load_training_state(ckpt_dir, unet, optimizer, ema)["step"])
-        schedule.last_epoch = step - 1
+    if resuming:
+        step = int(load_training_state(ckpt_dir, unet, optimizer, ema, schedule)["step"])
         log(f"resumed at step {step} from {ckpt_dir}")
     losses = LossLog(os.path.join(out_dir, "loss.jsonl"))
-    per_epoch = len(dataset) // cfg.batch_size
-    if per_epoch == 0:
-        raise ValueError(f"the data set has {len(dataset)} items, fewer than one batch of {cfg.batch_size}")
     start = time.perf_counter()
-    truncation_reported = False
-    while step < cfg.steps:
-        epoch, skip = divmod(step, per_epoch)
-        loader = DataLoader(dataset, batch_size=cfg.batch_size, shuffle=True, drop_last=True,
-                            num_workers=cfg.num_workers, generator=torch.Generator().manual_seed(cfg.seed + epoch))
-        for i, batch in enumerate(loader):
-            if i < skip:
-                continue  # resuming mid-epoch: same order, skip what was already seen
-            gen = torch.Generator(device=device).manual_seed(cfg.seed * 1_000_003 + step)
-            x0 = batch["latent"].to(device, torch.float32) * pipe.config.scale_factor
-            if "context" in batch:  # precomputed text contexts
-                context = batch["context"].to(device)
-            else:
-                with torch.no_grad(), warnings.catch_warnings(record=True) as caught:
-                    warnings.simplefilter("always", PromptTruncatedWarning)
-                    context = pipe.encode_prompts(list(batch["text"]), allow_empty=True)
-                if caught and not truncation_reported:
-                    truncation_reported = True
-                    log(f"note: reports longer than the text context are truncated ({caught[0].message}); "
-                        f"further truncations are not reported")
-            loss = ldm_loss(pipe, x0, context.float(), batch["spacing"].float(), gen, cfg.cond_drop_prob,
-                            autocast)
-            if not torch.isfinite(loss):
-                raise ValueError(f"the loss became {loss.item()} at step {step}: lower --lr, or check the data")
-            loss.backward()
-            norm = torch.nn.utils.clip_grad_norm_(unet.parameters(), cfg.grad_clip)
-            optimizer.step()
-            schedule.step()
-            optimizer.zero_grad(set_to_none=True)
-            if ema is not None:
-                ema.update(unet)
-            step += 1
-            if step % cfg.log_every == 0 or step == cfg.steps:
-                losses.log(step=step, loss=loss.item(), grad_norm=float(norm), lr=schedule.get_last_lr()[0],
-                           seconds=round(time.perf_counter() - start, 2))
-                log(f"step {step}/{cfg.steps} loss {loss.item():.4f} grad {float(norm):.3f}")
-            if step % cfg.save_every == 0 or step == cfg.steps:
-                save_training_state(ckpt_dir, step, unet, optimizer, ema, {"config": asdict(cfg)})
-            if step >= cfg.steps:
-                break
+    note = TruncationNote(log)
+    batches = resumable_batches(dataset, cfg.batch_size, cfg.seed, step, cfg.num_workers)
+    for step, batch in zip(range(step, cfg.steps), batches):
+        gen = torch.Generator(device=device).manual_seed(cfg.seed * 1_000_003 + step)
+        x0 = batch["latent"].to(device, torch.float32) * pipe.config.scale_factor
+        if "context" in batch:  # precomputed text contexts
+            context = batch["context"].to(device)
+        else:
+            with torch.no_grad(), note.watch():
+                context = pipe.encode_prompts(list(batch["text"]), allow_empty=True)
+        loss = ldm_loss(pipe, x0, context.float(), batch["spacing"].float(), gen, cfg.cond_drop_prob, autocast)
+        norm = apply_gradients(loss, optimizer, cfg.grad_clip, step, schedule)
+        if ema is not None:
+            ema.update(unet)
+        done = step + 1
+        if done % cfg.log_every == 0 or done == cfg.steps:
+            losses.log(step=done, loss=loss.item(), grad_norm=norm, lr=schedule.get_last_lr()[0],
+                       seconds=round(time.perf_counter() - start, 2))
+            log(f"step {done}/{cfg.steps} loss {loss.item():.4f} grad {norm:.3f}")
+        if done % cfg.save_every == 0 or done == cfg.steps:
+            save_training_state(ckpt_dir, done, unet, optimizer, ema, {"config": asdict(cfg)})
     unet.eval()
     unet.set_gradient_checkpointing(False)
     if ema is not None:

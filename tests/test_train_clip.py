@@ -1,0 +1,185 @@
+"""3D CLIP training on tiny phantoms: the contrastive loss falls, resume is exact, the trained text tower
+feeds the pipeline, and the CLI reports bad input in one line."""
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from text2ct_engine.data.ctrate import collate
+from text2ct_engine.data.phantom import make_dataset
+from text2ct_engine.evaluate.retrieval import retrieval_recall
+from text2ct_engine.models import CLIP3D, CLIPTextConfig, CLIPTextModelWithProjection
+from text2ct_engine.pipeline import Text2CTPipeline
+from text2ct_engine.text import encode_prompts, load_text_side
+from text2ct_engine.tokenizer import CLIPTokenizer
+from text2ct_engine.train.__main__ import main as train_main
+from text2ct_engine.train.clip import CLIPTrainConfig, fresh_clip, read_preprocessing, train_clip
+from text2ct_engine.train.common import held_out_split
+
+from tiny_models import CONTEXT_DIM, tiny_pipeline
+
+SIZE = (16, 16, 8)  # x, y, z voxels at 24 x 24 x 48 mm: the phantoms' 384 mm field of view
+MODEL = {"text_config": dict(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32),
+         "vision_config": dict(patch_size=[4, 8, 8], hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                               intermediate_size=32),
+         "projection_dim": CONTEXT_DIM}
+TRAIN = dict(batch_size=4, lr=1e-3, weight_decay=0.0, warmup_steps=2, size=SIZE, eval_size=2, log_every=1)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    """10 phantoms (8 to train on, 2 held out) and a BPE tokenizer of their reports (512 tokens: no truncation)."""
+    root = tmp_path_factory.mktemp("clip")
+    make_dataset(str(root / "data"), 10, SIZE, spacing=(24.0, 24.0, 48.0), seed=0, progress=False)
+    train, _ = held_out_split(str(root / "data"), SIZE, None, "resize", 2)
+    texts = [r.text for r in train.dataset.records]
+    tok = CLIPTokenizer.train(texts, vocab_size=400, min_frequency=1, context_length=512)
+    tok.save(root / "tokenizer.json")
+    return root
+
+
+def run_api(data, out, steps, **kw):
+    train, held = held_out_split(str(data / "data"), SIZE, None, "resize", 2)
+    tok = CLIPTokenizer.from_file(data / "tokenizer.json")
+    model = fresh_clip(tok, SIZE, MODEL, seed=0)
+    cfg = CLIPTrainConfig(**{**TRAIN, "steps": steps, **kw})
+    log = train_clip(model, tok, train, cfg, str(out), held, collate_fn=collate, log=lambda _: None)
+    return model, tok, log
+
+
+@pytest.fixture(scope="module")
+def trained(data):
+    out = data / "run"
+    model, tok, log = run_api(data, out, 40, lr_schedule="constant", eval_every=20, save_every=100)
+    return out, model, tok, log
+
+
+def test_training_lowers_the_contrastive_loss(trained):
+    out, _, _, log = trained
+    losses = [r["loss"] for r in log.rows]
+    assert len(losses) == 40
+    first, last = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
+    assert last < 0.7 * first, (first, last)
+    rows = [json.loads(line) for line in (out / "loss.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == list(range(1, 41)) and all(r["temperature"] > 0 for r in rows)
+    evals = [json.loads(line) for line in (out / "eval.jsonl").read_text().splitlines()]
+    assert [e["step"] for e in evals] == [20, 40]
+    assert all(e["n"] == 2 and 0 <= e["top1"] <= e["top5"] == 1.0 for e in evals)  # 2 candidates: top-5 is sure
+
+
+def test_retrieval_recall_by_hand():
+    t = torch.eye(3)
+    v = torch.tensor([[1.0, 0, 0], [0, 0, 1], [0, 1, 0]])  # volumes 1 and 2 swapped
+    assert retrieval_recall(t, v, ks=(1, 2, 3)) == {"top1": pytest.approx(1 / 3), "top2": pytest.approx(1 / 3),
+                                                    "top3": 1.0}
+    assert retrieval_recall(t, torch.ones(3, 3) / 3 ** 0.5)["top1"] == 0.0  # ties count against the text
+
+
+def test_saved_model_feeds_the_pipeline(trained, tmp_path):
+    out, model, _, _ = trained
+    assert sorted(p.name for p in (out / "model").iterdir()) == ["clip", "tokenizer.json"]
+    cfg = json.loads((out / "checkpoint" / "state.json").read_text())["config"]
+    recorded = read_preprocessing(str(out / "model" / "clip"))  # what scoring tools must repeat
+    assert recorded == {"size": list(cfg["size"]), "spacing": cfg["spacing"] and list(cfg["spacing"]),
+                        "resize": cfg["resize"]}
+    back = CLIP3D.from_pretrained(out / "model" / "clip")
+    for k, v in model.state_dict().items():
+        assert torch.equal(back.state_dict()[k], v), k
+    encoder, tok = load_text_side(out / "model", torch.device("cpu"))
+    prompts = ["Findings: Bilateral pleural effusion. Impression: Pleural effusion.", "Findings: Normal."]
+    tokens = tok.encode(prompts)
+    with torch.no_grad():
+        context = encode_prompts(encoder, tok, prompts, torch.device("cpu"))
+        assert torch.equal(context, model.encode_context(tokens.input_ids, tokens.attention_mask))
+    # combine with a VAE + UNet: copy clip/ and tokenizer.json into their model directory
+    tiny_pipeline().save_pretrained(tmp_path / "m")
+    shutil.copytree(out / "model" / "clip", tmp_path / "m" / "clip")
+    shutil.copy(out / "model" / "tokenizer.json", tmp_path / "m" / "tokenizer.json")
+    pipe = Text2CTPipeline.from_pretrained(tmp_path / "m")
+    assert torch.equal(pipe.encode_prompts(prompts), context)
+    # a text tower of another width does not fit the UNet's cross-attention
+    CLIPTextModelWithProjection(CLIPTextConfig(vocab_size=tok.vocab_size, max_position_embeddings=512, hidden_size=16,
+                                               num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
+                                               projection_dim=8, eos_token_id=tok.eos_id)
+                                ).save_pretrained(tmp_path / "m" / "clip")
+    with pytest.raises(ValueError, match="do not belong together"):
+        Text2CTPipeline.from_pretrained(tmp_path / "m")
+
+
+class Interrupted(Exception):
+    pass
+
+
+def test_resume_after_an_interruption_is_exact(data, tmp_path):
+    straight, _, _ = run_api(data, tmp_path / "a", 6, save_every=3)  # cosine schedule over 6 steps
+
+    def crash(message):
+        if message.startswith("step 5/"):  # after the step-3 checkpoint, before the next one
+            raise Interrupted
+
+    train, held = held_out_split(str(data / "data"), SIZE, None, "resize", 2)
+    tok = CLIPTokenizer.from_file(data / "tokenizer.json")
+    cfg = CLIPTrainConfig(**TRAIN, steps=6, save_every=3)
+    with pytest.raises(Interrupted):
+        train_clip(fresh_clip(tok, SIZE, MODEL, seed=0), tok, train, cfg, str(tmp_path / "b"), held,
+                   collate_fn=collate, log=crash)
+    with pytest.raises(ValueError, match="--resume"):
+        train_clip(fresh_clip(tok, SIZE, MODEL), tok, train, cfg, str(tmp_path / "b"), held, collate_fn=collate)
+    resumed = CLIP3D.from_pretrained(tmp_path / "b" / "checkpoint")  # the checkpoint is a CLIP3D directory
+    train_clip(resumed, tok, train, cfg, str(tmp_path / "b"), held, resume=True, collate_fn=collate,
+               log=lambda _: None)
+    for k, v in straight.state_dict().items():
+        assert torch.equal(resumed.state_dict()[k], v), k
+
+
+def test_cli_trains_extends_and_resumes(data, tmp_path, capsys):
+    (tmp_path / "c.json").write_text(json.dumps({**TRAIN, "lr_schedule": "constant", "save_every": 3,
+                                                 "eval_every": 3, "model": MODEL}))
+    base = ["clip", "--data", str(data / "data"), "--tokenizer", str(data / "tokenizer.json"),
+            "--config", str(tmp_path / "c.json")]
+    assert train_main([*base, "--out", str(tmp_path / "a"), "--steps", "6"]) == 0
+    assert train_main([*base, "--out", str(tmp_path / "b"), "--steps", "3"]) == 0
+    assert "recall top-1" in capsys.readouterr().out
+    assert train_main([*base, "--out", str(tmp_path / "b"), "--steps", "6"]) == 2
+    assert "--resume" in capsys.readouterr().err
+    assert train_main([*base, "--out", str(tmp_path / "b"), "--steps", "6", "--resume"]) == 0
+    a, b = (load_file(tmp_path / run / "checkpoint" / "model.safetensors") for run in "ab")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert [json.loads(line)["step"] for line in (tmp_path / "b" / "loss.jsonl").read_text().splitlines()] \
+        == [1, 2, 3, 4, 5, 6]
+
+
+@pytest.mark.parametrize("case", ["no_data", "no_tokenizer", "bad_config", "bad_size"])
+def test_cli_bad_input_is_one_line(case, data, tmp_path, capsys):
+    config = {"model": MODEL, "eval_size": 2, **({"bogus": 1} if case == "bad_config" else {})}
+    (tmp_path / "c.json").write_text(json.dumps(config))
+    args = ["clip", "--data", str(data / "data"), "--out", str(tmp_path / "run"), "--tokenizer",
+            str(data / "tokenizer.json"), "--config", str(tmp_path / "c.json"), "--size", *map(str, SIZE)]
+    expected = {"no_data": "data directory", "no_tokenizer": "no such tokenizer file", "bad_config": "bogus",
+                "bad_size": "multiple of the volume tower's patch"}[case]
+    if case == "no_data":
+        args[2] = str(tmp_path / "missing")
+    elif case == "no_tokenizer":
+        args[6] = str(tmp_path / "missing.json")
+    elif case == "bad_size":
+        args[-3:] = ["16", "12", "8"]
+    assert train_main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and expected in err[0], err
+    assert not (tmp_path / "run").exists()
+
+
+def test_held_out_pairs_come_from_the_valid_split_when_there_is_one(tmp_path):
+    make_dataset(str(tmp_path), 3, SIZE, spacing=(24.0, 24.0, 48.0), seed=5, progress=False)
+    with pytest.raises(ValueError, match="no valid split to hold 3 out of"):
+        held_out_split(str(tmp_path), SIZE, None, "resize", 3)
+    train, held = held_out_split(str(tmp_path), SIZE, None, "resize", 1)
+    assert (len(train), len(held)) == (2, 1)  # the last training pair is held out
+    make_dataset(str(tmp_path), 2, SIZE, spacing=(24.0, 24.0, 48.0), seed=6, split="valid", force=True,
+                 progress=False)
+    train, held = held_out_split(str(tmp_path), SIZE, None, "resize", 5)
+    assert len(train) == 3 and [held[i]["name"] for i in range(len(held))] == ["valid_1_a_1.nii.gz",
+                                                                                "valid_2_a_1.nii.gz"]
+    assert held_out_split(str(tmp_path), SIZE, None, "resize", 0)[1] is None
