@@ -21,7 +21,10 @@ setup(
         "text2ct_engine.csrc",
     ],
     package_dir={"text2ct_engine.kernels": "kernels", "text2ct_engine.csrc": "csrc"},
-    package_data={"text2ct_engine.csrc": ["*.cpp"]},
+    # the built-in phantom demo model (python -m text2ct_engine.sample without --model)
+    package_data={"text2ct_engine.csrc": ["*.cpp"],
+                  "text2ct_engine": ["assets/phantom_model/*.json", "assets/phantom_model/*/*.json",
+                                     "assets/phantom_model/*/*.safetensors"]},
     install_requires=[
         "torch>=2.4",
         "triton>=3.0; platform_system == 'Linux' and platform_machine == 'x86_64'",

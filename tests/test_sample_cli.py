@@ -1,4 +1,5 @@
-"""python -m text2ct_engine.sample end to end on CPU with a tiny random model directory."""
+"""python -m text2ct_engine.sample end to end on CPU with a tiny random model directory, and with the built-in
+phantom demo model (the default when --model is omitted)."""
 import os
 import subprocess
 import sys
@@ -9,7 +10,8 @@ import pytest
 import torch
 
 from text2ct_engine.pipeline import Text2CTPipeline
-from text2ct_engine.sample import main
+from text2ct_engine import sample as sample_module
+from text2ct_engine.sample import DEFAULT_MODEL, DEFAULT_MODEL_NOTE, main
 
 from tiny_models import tiny_text_pipeline
 
@@ -57,6 +59,20 @@ def test_sample_writes_reproducible_nifti_and_preview(model_dir, tmp_path, capsy
     assert sample(model_dir, tmp_path / "other.nii.gz", "--prompt", PROMPT, "--seed", "5", "--size", "16", "24",
                   "8", "--spacing", "0.8", "0.8", "2.5") == 0
     assert not np.array_equal(np.asarray(nib.load(tmp_path / "other.nii.gz").dataobj), data)
+
+
+def test_tiled_decode_modes_give_the_untiled_volume(model_dir, tmp_path):
+    """--decode-slab / --decode-host-memory change memory and time, never the volume (int16 HU)."""
+    args = ("--prompt", PROMPT, "--seed", "2", "--size", "16", "24", "8", "--steps", "2")
+    volumes = {}
+    for name, extra in {"untiled": ("--decode-slab", "0"),
+                        "low": ("--decode-slab", "3", "--decode-host-memory", "low"),
+                        "fast": ("--decode-slab", "3", "--decode-host-memory", "fast")}.items():
+        assert sample(model_dir, tmp_path / f"{name}.nii.gz", *args, *extra) == 0
+        volumes[name] = np.asarray(nib.load(tmp_path / f"{name}.nii.gz").dataobj).astype(np.int32)
+    assert volumes["untiled"].std() > 0
+    for name in ("low", "fast"):  # equal up to float rounding at an int16 rounding boundary
+        assert np.abs(volumes[name] - volumes["untiled"]).max() <= 1, name
 
 
 def test_prompt_file_gives_one_volume_per_prompt(model_dir, tmp_path):
@@ -107,3 +123,46 @@ def test_cli_subprocess_error_has_no_traceback(tmp_path):
                         "--out", str(tmp_path / "a.nii.gz")], capture_output=True, text=True)
     assert r.returncode == 2
     assert r.stderr.strip().splitlines() == [f"error: {tmp_path} is not a model directory: pipeline.json is missing"]
+
+
+# ------------------------------------------------------------------------------ the built-in demo model
+DEMO_PROMPT = ("Findings: Heart size is increased (cardiomegaly). There is a pleural effusion on the right. "
+               "Impression: Cardiomegaly. Right pleural effusion.")
+
+
+def test_default_model_is_the_shipped_phantom_demo(tmp_path, capsys):
+    assert os.path.isfile(os.path.join(DEFAULT_MODEL, "pipeline.json"))
+    files = [os.path.join(r, f) for r, _, fs in os.walk(DEFAULT_MODEL) for f in fs]
+    assert all(f.endswith((".json", ".safetensors")) for f in files)  # safe weights only
+    assert sum(os.path.getsize(f) for f in files) < 20 * 2**20
+    out = tmp_path / "ct.nii.gz"
+    assert main(["--prompt", DEMO_PROMPT, "--out", str(out), "--steps", "2", "--no-progress"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[0] == DEFAULT_MODEL_NOTE and "not a clinical model" in lines[0]
+    assert lines[-1].startswith("done: 1 volume(s) of 64x64x32 in ")
+    img = nib.load(out)
+    hu = np.asarray(img.dataobj).astype(np.float32)
+    assert hu.shape == (64, 64, 32) and img.get_data_dtype() == np.int16
+    np.testing.assert_allclose(img.header.get_zooms(), (6.0, 6.0, 12.0), rtol=1e-6)
+    assert hu.min() >= -1000 and hu.max() <= 1000  # real HU inside the model's window
+    frame = np.ones(hu.shape[:2], bool)
+    frame[3:-3, 3:-3] = False
+    assert hu[frame].mean() < -850  # air around the patient (real phantoms: about -1000)
+    centre = hu[24:40, 20:44, 8:24]  # mediastinum, heart and the lungs beside them
+    assert centre.mean() > -700 and (centre > -300).mean() > 0.2  # a body, with soft tissue in it
+    assert ((hu > -300) & (hu < 300)).mean() > 0.1  # soft tissue makes up a good part of the volume
+
+
+def test_model_option_overrides_the_default(model_dir, tmp_path, capsys):
+    assert sample(model_dir, tmp_path / "ct.nii.gz", "--prompt", PROMPT, "--steps", "2") == 0
+    out = capsys.readouterr().out
+    assert DEFAULT_MODEL_NOTE not in out
+    assert np.asarray(nib.load(tmp_path / "ct.nii.gz").dataobj).shape == (16, 16, 8)  # the tiny model's size
+
+
+def test_missing_default_model_is_one_line(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(sample_module, "DEFAULT_MODEL", str(tmp_path / "absent"))
+    assert main(["--prompt", PROMPT, "--out", str(tmp_path / "ct.nii.gz"), "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "phantom demo model is missing" in err[0] and "--model" in err[0]
+    assert os.listdir(tmp_path) == []

@@ -3,6 +3,10 @@
     python -m text2ct_engine.sample --model models/text2ct --prompt "Findings: ... Impression: ..." \\
         --out ct.nii.gz --preview ct.png
 
+Without ``--model`` the built-in phantom demo model (``text2ct_engine/assets/phantom_model``: 64x64x32 voxels of
+6x6x12 mm, trained on the project's procedural phantoms by ``benchmarks/train_phantom_model.sh``) is used; it
+shows the engine working offline and is not a clinical model.
+
 Several prompts (``--prompt`` repeated, or ``--prompt-file`` with one prompt per line) give one volume
 each: ``ct.nii.gz`` becomes ``ct_000.nii.gz``, ``ct_001.nii.gz``, ... Prompt i uses seed ``--seed + i``.
 Every problem found in the arguments is reported in one line before any sampling, and nothing is written.
@@ -20,6 +24,10 @@ import torch
 from .cli import run_guarded
 from .pipeline import Text2CTPipeline, resolve_device
 from .volume_io import check_writable, save_nifti, save_preview
+
+DEFAULT_MODEL = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "phantom_model")
+DEFAULT_MODEL_NOTE = ("no --model given: using the built-in phantom demo model (trained on procedural phantoms, "
+                      "64x64x32 at 6x6x12 mm; not a clinical model)")
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -62,7 +70,8 @@ def peak_memory() -> str:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m text2ct_engine.sample", description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", required=True, help="model directory (pipeline.json, unet/, vae/, clip/, tokenizer.json)")
+    p.add_argument("--model", help="model directory (pipeline.json, unet/, vae/, clip/, tokenizer.json); default: "
+                   "the built-in phantom demo model (not a clinical model)")
     p.add_argument("--prompt", action="append", help="report text; repeat for several volumes")
     p.add_argument("--prompt-file", help="UTF-8 file with one prompt per line")
     p.add_argument("--out", required=True, help="output .nii.gz (numbered when several prompts)")
@@ -75,6 +84,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--dtype", choices=sorted(DTYPES), help="default: bfloat16 on CUDA, float32 on CPU")
     p.add_argument("--decode-slab", default="auto",
                    help="rows per slab of the exact tiled VAE decode, 0 for no tiling, auto (default)")
+    p.add_argument("--decode-host-memory", choices=("low", "fast"), default="low",
+                   help="tiled decode: low (default) recomputes the full-resolution level to keep ~3x less in "
+                        "host RAM; fast stores every activation and runs each conv once")
     p.add_argument("--preview", help="also write a PNG montage of the mid-slices")
     p.add_argument("--unconditional", action="store_true", help="allow empty prompts (unconditional samples)")
     p.add_argument("--force", action="store_true", help="overwrite existing outputs")
@@ -113,7 +125,14 @@ def run(args: argparse.Namespace) -> None:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda asked for, but no CUDA GPU is available here: use --device cpu")
     dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
-    pipe = Text2CTPipeline.from_pretrained(args.model, device=device, dtype=dtype)
+    model = args.model
+    if model is None:
+        if not os.path.isfile(os.path.join(DEFAULT_MODEL, "pipeline.json")):
+            raise ValueError(f"no --model given and the built-in phantom demo model is missing ({DEFAULT_MODEL}): "
+                             f"pass --model DIR, or rebuild it with benchmarks/train_phantom_model.sh")
+        print(DEFAULT_MODEL_NOTE)
+        model = DEFAULT_MODEL
+    pipe = Text2CTPipeline.from_pretrained(model, device=device, dtype=dtype)
     size = pipe.check_size(args.size or pipe.config.size)
     spacing = pipe.check_spacing(args.spacing or pipe.config.spacing)
     steps = args.steps or pipe.config.steps
@@ -124,7 +143,7 @@ def run(args: argparse.Namespace) -> None:
     for i, (prompt, (nii, png)) in enumerate(zip(prompts, outputs)):
         volume = pipe(prompt, steps=steps, guidance=args.guidance, seed=args.seed + i, size=size,
                       spacing=spacing, allow_empty=args.unconditional, decode_slab=slab,
-                      progress=(lambda *_: bar.update(1)) if bar is not None else None)[0]
+                      decode_host_memory=args.decode_host_memory, progress=(lambda *_: bar.update(1)) if bar is not None else None)[0]
         save_nifti(volume, spacing, nii, overwrite=args.force)
         if png:
             save_preview(volume, spacing, png, overwrite=args.force, window=tuple(pipe.config.hu_window))

@@ -80,8 +80,10 @@ def run(args: argparse.Namespace) -> None:
     pipe = Text2CTPipeline.from_pretrained(args.model, device=device)
     if pipe.text_encoder is None:
         raise ValueError(f"{args.model} has no text encoder (clip/ + tokenizer.json) to condition on")
-    if args.from_scratch:
-        fresh = type(pipe.unet)(pipe.unet.config).to(device)
+    if args.from_scratch:  # a fresh UNet drawn from --seed, so the run can be repeated
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(cfg.seed)
+            fresh = type(pipe.unet)(pipe.unet.config).to(device)
         pipe.unet.load_state_dict(fresh.state_dict())
     if args.scale_factor == "auto":
         sample = torch.stack([data[i]["latent"] for i in range(min(len(data), 64))])
