@@ -452,18 +452,15 @@ def place_findings(an: Anatomy, f: Findings, rng: np.random.Generator) -> Placed
     if f.pleural_effusion_side:
         sides = SIDES if f.pleural_effusion_side == "bilateral" else (f.pleural_effusion_side,)
         out.effusions = [pl.effusion(sd, f.pleural_effusion_size or "small") for sd in sides]
-    if f.consolidation_side:
-        les = pl.lung_lesion(f.consolidation_side, f.consolidation_lobe or "lower", "consolidation")
-        if les is None:
-            g.consolidation_side = g.consolidation_lobe = ""
-        else:
-            out.lung_lesions.append(les)
-    if f.atelectasis_side:
-        les = pl.lung_lesion(f.atelectasis_side, f.atelectasis_lobe or "lower", "atelectasis")
-        if les is None:
-            g.atelectasis_side = g.atelectasis_lobe = ""
-        else:
-            out.lung_lesions.append(les)
+    for kind in ("consolidation", "atelectasis"):  # a lesion that finds no room is dropped from the findings
+        side, lobe = getattr(f, f"{kind}_side"), getattr(f, f"{kind}_lobe")
+        if side:
+            les = pl.lung_lesion(side, lobe or "lower", kind)
+            if les is None:
+                setattr(g, f"{kind}_side", "")
+                setattr(g, f"{kind}_lobe", "")
+            else:
+                out.lung_lesions.append(les)
     if f.lung_nodule_side:
         out.nodule = pl.nodule(f.lung_nodule_side, f.lung_nodule_lobe or "upper", f.lung_nodule_size_mm or 12.0)
         if out.nodule is None:

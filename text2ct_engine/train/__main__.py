@@ -28,7 +28,7 @@ from torch.utils.data import Dataset
 from ..cli import run_guarded
 from ..pipeline import Text2CTPipeline, resolve_device
 from .clip import add_parser as add_clip_parser
-from .common import add_config_flags
+from .common import add_config_flags, add_run_flags
 from .ldm import LDMTrainConfig, compute_scale_factor, train_ldm
 from .vae import add_parser as add_vae_parser
 
@@ -59,13 +59,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     sub = p.add_subparsers(dest="what", required=True)
     ldm = sub.add_parser("ldm", help="train the diffusion UNet on cached latents")
     ldm.add_argument("--model", required=True, help="model directory with unet/, vae/, clip/, tokenizer.json")
-    ldm.add_argument("--data", required=True, help="latent cache directory (python -m text2ct_engine.data.cache)")
-    ldm.add_argument("--out", required=True, help="run directory")
+    add_run_flags(ldm, data_help="latent cache directory (python -m text2ct_engine.data.cache)")
     ldm.add_argument("--from-scratch", action="store_true", help="re-initialise the UNet instead of fine-tuning")
     ldm.add_argument("--scale-factor", default="model",
                      help="'model' (from pipeline.json), 'auto' (1/std of the cached latents) or a number")
-    ldm.add_argument("--device", default="auto")
-    ldm.add_argument("--resume", action="store_true", help="continue the run in --out")
     add_config_flags(ldm, LDMTrainConfig, helps={"ema_decay": "default 0.999; 0 turns EMA off"})
     add_vae_parser(sub)
     add_clip_parser(sub)

@@ -29,8 +29,9 @@ from ..models import CLIP3D, CLIP3DConfig, CLIPTextConfig, CLIPTextModelWithProj
 from ..models.clip3d import LOGIT_SCALE_MAX
 from ..text import CLIP_DIR, TOKENIZER_FILE, check_text_side, save_text_side
 from ..tokenizer import CLIPTokenizer
-from .common import (EMA, LossLog, TruncationNote, add_config_flags, apply_gradients, autocast_enabled,
-                     held_out_split, load_training_state, open_run, resumable_batches, save_training_state, warmup_schedule)
+from .common import (EMA, LossLog, TruncationNote, add_config_flags, add_run_flags, apply_gradients,
+                     autocast_enabled, held_out_split, load_training_state, open_run, resumable_batches,
+                     save_training_state, warmup_schedule)
 
 
 @dataclass
@@ -312,15 +313,12 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """The ``clip`` subcommand of ``python -m text2ct_engine.train``; sets ``args.run``."""
     p = sub.add_parser("clip", help="train the 3D CLIP (volume + report towers) on paired data",
                        description=__doc__.split("\n\n")[0])
-    p.add_argument("--data", required=True, help="CT-RATE-layout folder (CT-RATE, or python -m ...data.phantom)")
-    p.add_argument("--out", required=True, help="run directory")
+    add_run_flags(p, resume_help="continue the run in --out (its model and tokenizer)")
     p.add_argument("--tokenizer", help="tokenizer.json, or a model directory holding one (default: --init's)")
     p.add_argument("--init", help="CLIP3D directory or model directory (its clip/) to start from; a text "
                                   "tower alone gets a fresh volume tower (default: a fresh CLIP3D)")
     p.add_argument("--config", help="JSON file of training settings (the options below, with underscores) and "
                                     "an optional \"model\" object of CLIP3D settings for a fresh model")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--resume", action="store_true", help="continue the run in --out (its model and tokenizer)")
     # unset flags fall back to --config, then the dataclass
     add_config_flags(p, CLIPTrainConfig, choices={"lr_schedule": ("cosine", "constant"), "resize": ("resize", "crop_pad")},
                      elem_types={"size": int, "spacing": float}, suppress_defaults=True)

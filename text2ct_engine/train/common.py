@@ -227,6 +227,16 @@ def held_out_split(root: str, size: Sequence[int] | None, spacing: Sequence[floa
 
 
 PRECISIONS = ("auto", "bf16", "no")
+CTRATE_DATA_HELP = "CT-RATE-layout folder (CT-RATE, or python -m ...data.phantom)"
+
+
+def add_run_flags(parser: argparse.ArgumentParser, data_help: str = CTRATE_DATA_HELP,
+                  resume_help: str = "continue the run in --out") -> None:
+    """The flags every training command has: --data, --out (the run directory), --device, --resume."""
+    parser.add_argument("--data", required=True, help=data_help)
+    parser.add_argument("--out", required=True, help="run directory")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    parser.add_argument("--resume", action="store_true", help=resume_help)
 
 
 def add_config_flags(parser: argparse.ArgumentParser, config_cls: type, *, choices: dict | None = None,

@@ -32,8 +32,9 @@ from torch.utils.data import Dataset, Subset
 
 from ..models.discriminator import ADV_LOSSES, PatchDiscriminator, discriminator_adv_loss, generator_adv_loss
 from ..models.vae import AutoencoderKL, AutoencoderKLConfig
-from .common import (EMA, LossLog, add_config_flags, apply_gradients, autocast_enabled, held_out_split,
-                     load_training_state, open_run, resumable_batches, save_training_state, warmup_schedule)
+from .common import (EMA, LossLog, add_config_flags, add_run_flags, apply_gradients, autocast_enabled,
+                     held_out_split, load_training_state, open_run, resumable_batches, save_training_state,
+                     warmup_schedule)
 
 DISC_DIR = "discriminator"  # the discriminator's resumable state, inside out/checkpoint
 
@@ -287,8 +288,7 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """The ``vae`` subcommand of ``python -m text2ct_engine.train``; sets ``args.run``."""
     p = sub.add_parser("vae", help="train or fine-tune the 3D VAE on random patches",
                        description=__doc__.split("\n\n")[0])
-    p.add_argument("--data", required=True, help="CT-RATE-layout folder (CT-RATE, or python -m ...data.phantom)")
-    p.add_argument("--out", required=True, help="run directory")
+    add_run_flags(p)
     p.add_argument("--init", help="VAE directory, or model directory with vae/, to fine-tune (default: a fresh VAE)")
     p.add_argument("--channels", type=int, nargs="+", help="fresh VAE: channels per level (default 64 128 256)")
     p.add_argument("--res-blocks", type=int, help="fresh VAE: ResBlocks per level (default 2)")
@@ -299,8 +299,6 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--spacing", type=float, nargs=3, default=(0.75, 0.75, 3.0), metavar=("SX", "SY", "SZ"))
     p.add_argument("--mode", choices=("crop_pad", "resize"), default="crop_pad")
     p.add_argument("--val", type=int, default=4, help="held-out whole volumes scored every --eval-every steps")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--resume", action="store_true", help="continue the run in --out")
     add_config_flags(p, VAETrainConfig, choices={"adv_loss": ADV_LOSSES},
                      helps={"adv_weight": "default 0.1 on CUDA, 0 (off) on CPU", "ema_decay": "default: no EMA"})
     p.set_defaults(run=run)
