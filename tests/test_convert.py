@@ -93,7 +93,7 @@ def test_convert_errors_are_one_line_and_write_nothing(checkpoints, capsys):
                  str(tmp / "vae.json"), "--out", out]) == 2
     err = capsys.readouterr().err.strip()
     assert "does not fit DiffusionUNet" in err and "--unet-config" in err
-    assert [p for p in os.listdir(tmp) if p.startswith(".convert-")] == []
+    assert [p for p in os.listdir(tmp) if p.startswith(".tmp-")] == []
 
 
 def test_convert_refuses_existing_output_without_force(checkpoints, capsys):

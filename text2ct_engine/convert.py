@@ -13,14 +13,12 @@ import argparse
 import os
 import pickle
 import re
-import shutil
 import sys
-import tempfile
 
 import torch
 
 from .cli import run_guarded
-from .io_utils import read_json_object
+from .io_utils import atomic_dir, read_json_object
 from .models import AutoencoderKL, DiffusionUNet
 from .models.serialization import strict_load
 from .pipeline import PipelineConfig, Text2CTPipeline
@@ -127,16 +125,8 @@ def convert(unet_path: str, vae_path: str, out: str, unet_config: str | None = N
         log(f"clip text tower: {what} from {clip_path}")
     pipe = Text2CTPipeline(unet.eval(), vae.eval(), PipelineConfig(scale_factor=scale_factor),
                            text_encoder, tokenizer)
-    parent = os.path.dirname(os.path.abspath(out))
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".convert-", dir=parent)
-    try:
+    with atomic_dir(out) as tmp:
         pipe.save_pretrained(tmp)
-        if os.path.exists(out):
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     log(f"wrote {out}")
     return pipe
 

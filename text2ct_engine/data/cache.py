@@ -29,7 +29,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch.utils.data import DataLoader, Dataset
 
-from ..io_utils import write_json
+from ..io_utils import atomic_path, write_json
 from .ctrate import CTRATEDataset, collate
 from .errors import BadDataError, DataError
 from .labels import CTRATE_LABELS
@@ -87,9 +87,8 @@ def build_latent_cache(dataset: CTRATEDataset, vae: torch.nn.Module, out_dir: st
             return
         name = f"shard-{len(idx['shards']):05d}.safetensors"
         path = os.path.join(out_dir, name)
-        tmp = path + f".tmp{os.getpid()}"
-        save_file(buf, tmp, metadata={"format": "pt"})
-        os.replace(tmp, path)
+        with atomic_path(path) as tmp:
+            save_file(buf, tmp, metadata={"format": "pt"})
         idx["shards"].append(name)
         for k, m in meta.items():
             idx["entries"][k] = {**m, "shard": name}

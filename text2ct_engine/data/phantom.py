@@ -29,6 +29,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..io_utils import atomic_path
 from .labels import CTRATE_LABELS, REPORT_COLUMNS
 from .phantom_anatomy import Anatomy
 from .phantom_findings import Findings, anatomy_kwargs, emphysema_mask, place_findings, render_findings, sample_findings
@@ -151,10 +152,8 @@ def write_csv(path: str, rows: list[dict], columns: tuple[str, ...] | list[str])
     wr.writeheader()
     wr.writerows(rows)
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8", newline="") as fh:
+    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8", newline="") as fh:
         fh.write(buf.getvalue())
-    os.replace(tmp, path)
 
 
 def make_dataset(out: str, n: int, size: tuple[int, int, int], spacing: tuple[float, float, float] | None = None,
