@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import peak_memory_mb, print_table, time_fn, write_json  # noqa: E402
+from common import JsonRecord, peak_memory_mb, print_table, time_fn  # noqa: E402
 
 HEAD_DIM = 32
 # (level, heads, tokens at 128x128x32, tokens at 128x128x128)
@@ -95,6 +95,8 @@ def main(argv: list[str] | None = None) -> None:
                     help="default: bf16 on CUDA, fp32 on CPU")
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--backends", default="", help="comma-separated subset (default: all available)")
+    ap.add_argument("--cases", default="", help="comma-separated case names to keep, e.g. '128x128x32 L3 self' "
+                                                "(a case is kept if its name contains one of them)")
     ap.add_argument("--no-backward", action="store_true", help="forward only")
     ap.add_argument("--warmup", type=int, default=None)
     ap.add_argument("--reps", type=int, default=None)
@@ -119,9 +121,19 @@ def main(argv: list[str] | None = None) -> None:
         wanted = [b.strip() for b in args.backends.split(",") if b.strip()]
         table = {k: table[k] for k in wanted if k in table}
 
-    rows = []
+    cases = shapes(args.quick, args.batch)
+    if args.cases:
+        wanted_cases = [c.strip() for c in args.cases.split(",") if c.strip()]
+        cases = [s for s in cases if any(w in s["case"] for w in wanted_cases)]
+        if not cases:
+            ap.error(f"no case matches --cases {args.cases!r}")
+    path = args.json or os.path.join(os.path.dirname(os.path.abspath(__file__)), "out",
+                                     f"attention-{device.type}.json")
+    record = JsonRecord(path, "attention", device, command=" ".join(["python"] + sys.argv), quick=args.quick,
+                        warmup=warmup, reps=reps)
+    rows = record.rows
     t_start = time.perf_counter()
-    for s in shapes(args.quick, args.batch):
+    for s in cases:
         gen = torch.Generator(device="cpu").manual_seed(0)
         q = torch.randn(s["B"], s["H"], s["Nq"], HEAD_DIM, generator=gen).to(device, dtype)
         k = torch.randn(s["B"], s["H"], s["Nk"], HEAD_DIM, generator=gen).to(device, dtype)
@@ -138,14 +150,15 @@ def main(argv: list[str] | None = None) -> None:
                            dtype=str(dtype).replace("torch.", ""), backend=name,
                            mode="fwd+bwd" if backward else "fwd", ms=None, tflops=None, peak_mb=None,
                            max_err=None, note="")
-                rows.append(row)
                 if materialises and score_gib(s, dtype.itemsize) > args.max_score_gib:
                     row["note"] = f"skipped: ~{score_gib(s, dtype.itemsize):.0f} GiB of scores"
+                    record.add(row)
                     continue
                 runs = (warmup, reps)
                 if name == "triton" and on_cpu:
                     if s["B"] * s["H"] * s["Nq"] > args.interp_max_rows:
                         row["note"] = "skipped: interpreter too slow at this size"
+                        record.add(row)
                         continue
                     row["note"] = "Triton interpreter, 1 run"
                     runs = (0, 1)
@@ -167,6 +180,7 @@ def main(argv: list[str] | None = None) -> None:
                                    else f"unavailable: {msg[:60]}")
                     row["ms"] = row["tflops"] = row["peak_mb"] = None
                 finally:
+                    record.add(row)
                     if device.type == "cuda":
                         torch.cuda.empty_cache()
         del q, k, v, g, ref
@@ -188,10 +202,7 @@ def main(argv: list[str] | None = None) -> None:
         print_table(summary, ["case", "mode", "triton_ms", "best_sdpa", "best_sdpa_ms", "speedup"])
     elapsed = time.perf_counter() - t_start
     print(f"\n{len(rows)} rows in {elapsed:.0f} s")
-    path = args.json or os.path.join(os.path.dirname(os.path.abspath(__file__)), "out",
-                                     f"attention-{device.type}.json")
-    write_json(path, "attention", device, rows, summary=summary, command=" ".join(["python"] + sys.argv),
-               quick=args.quick, warmup=warmup, reps=reps, seconds=round(elapsed, 1))
+    record.finish(summary=summary, seconds=round(elapsed, 1))
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ from functools import partial
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import device_name, peak_memory_mb, print_table, write_json  # noqa: E402
+from common import JsonRecord, device_name, peak_memory_mb, print_table  # noqa: E402
 
 from text2ct_engine.memory import (DTYPES, GIB, Setup, decode_step, run_phase, sampling_step,  # noqa: E402
                                    track, training_step)
@@ -74,7 +74,10 @@ def main(argv: list[str] | None = None) -> int:
     # GPU: planned on the fake meta device + host; CPU: planned on the same (fake) CPU the run uses
     planned_setup = Setup(volume=volume, dtype=dtype, slab=args.slab) if gpu else real_setup
     wanted = set(args.only.split(",")) if args.only else None
-    rows = []
+    out = args.json or os.path.join(os.path.dirname(os.path.abspath(__file__)), "out",
+                                    f"memory-{device.type}.json")
+    record = JsonRecord(out, "memory", device, volume=list(volume), dtype=str(dtype), slab=args.slab)
+    rows = record.rows
     for key, workload in phases(args.slab):
         if wanted is not None and key not in wanted:
             continue
@@ -88,15 +91,13 @@ def main(argv: list[str] | None = None) -> int:
             row["error"] = f"out of memory: {str(err).splitlines()[0][:80]}"
         if gpu:
             torch.cuda.empty_cache()
-        rows.append(row)
+        record.add(row)
         print(f"{key}: {row}", file=sys.stderr)
     title = f"{'x'.join(map(str, volume))} {str(dtype)[6:]}, slab {args.slab}, {device_name(device)}"
     print(f"peak memory, planned vs measured: {title}")
     print_table(rows, ["phase", "planned_gib", "measured_gib", "tracked_gib", "measured/planned",
                        "planned_host_gib", "host_gib", "seconds", "error"])
-    out = args.json or os.path.join(os.path.dirname(os.path.abspath(__file__)), "out",
-                                    f"memory-{device.type}.json")
-    write_json(out, "memory", device, rows, volume=list(volume), dtype=str(dtype), slab=args.slab)
+    record.finish()
     return 0
 
 

@@ -68,7 +68,8 @@ def print_table(rows: Sequence[dict], columns: Sequence[str]) -> None:
         print("  ".join(v.ljust(w) for v, w in zip(row, widths)))
 
 
-def write_json(path: str, name: str, device: torch.device | str, rows: Sequence[dict], **extra) -> None:
+def write_json(path: str, name: str, device: torch.device | str, rows: Sequence[dict], quiet: bool = False,
+               **extra) -> None:
     """Write the rows with the device, date and versions, atomically."""
     record = {"benchmark": name, "device": device_name(device),
               "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -78,4 +79,29 @@ def write_json(path: str, name: str, device: torch.device | str, rows: Sequence[
     with open(tmp, "w") as f:
         json.dump(record, f, indent=1)
     os.replace(tmp, path)
-    print(f"wrote {path}")
+    if not quiet:
+        print(f"wrote {path}")
+
+
+class JsonRecord:
+    """A benchmark's rows, rewritten to ``path`` (atomically, quietly) after every added row, so that a run
+    cut short (out of time on a lent GPU, out of memory) still leaves every row it measured."""
+
+    def __init__(self, path: str, name: str, device: torch.device | str, **extra) -> None:
+        self.path, self.name, self.device, self.extra = path, name, device, dict(extra, complete=False)
+        self.rows: list[dict] = []
+        self.write()
+
+    def add(self, row: dict) -> dict:
+        self.rows.append(row)
+        self.write()
+        return row
+
+    def write(self, **more) -> None:
+        self.extra.update(more)
+        write_json(self.path, self.name, self.device, self.rows, quiet=True, **self.extra)
+
+    def finish(self, **more) -> None:
+        """The last write, marked complete, and say where it went."""
+        self.write(complete=True, **more)
+        print(f"wrote {self.path}")

@@ -12,6 +12,7 @@ import hashlib
 import logging
 import os
 import platform
+import sys
 import threading
 import warnings
 from pathlib import Path
@@ -57,7 +58,12 @@ def _build() -> ModuleType:
         raise FileNotFoundError("csrc/group_norm.cpp not found next to the package")
     from torch.utils import cpp_extension
     flags = ["-O3", "-fopenmp", "-march=native", "-fno-math-errno", "-fno-trapping-math"]
-    return cpp_extension.load(name=f"{_NAME}_{_cpu_tag()}", sources=[str(src / "group_norm.cpp")], extra_cflags=flags,
+    name = f"{_NAME}_{_cpu_tag()}"
+    root = os.environ.get("TORCH_EXTENSIONS_DIR") or cpp_extension.get_default_build_root()
+    if not (Path(root) / name / f"{name}.so").is_file():  # a first run stalls for the build: say why
+        print(f"text2ct_engine: building the C++ CPU kernels once (~30 s; cached in {root})", file=sys.stderr,
+              flush=True)
+    return cpp_extension.load(name=name, sources=[str(src / "group_norm.cpp")], extra_cflags=flags,
                               extra_ldflags=["-fopenmp"], verbose=False)
 
 

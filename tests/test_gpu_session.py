@@ -1,0 +1,112 @@
+"""The GPU session driver (benchmarks/gpu_session.py): deadlines, partial results, set-up without pip.
+
+A lent GPU comes for minutes; these tests make sure the driver keeps to its budget and returns what ran,
+and that every stage names benchmark cases that exist, before a GPU session depends on it."""
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BENCH = os.path.join(ROOT, "benchmarks")
+
+
+def _load(name):
+    sys.path.insert(0, BENCH)
+    try:
+        spec = importlib.util.spec_from_file_location(f"bench_{name}", os.path.join(BENCH, f"{name}.py"))
+        mod = importlib.util.module_from_spec(spec)
+        sys.modules[f"bench_{name}"] = mod  # dataclasses look their module up while the class is built
+        spec.loader.exec_module(mod)
+        return mod
+    finally:
+        sys.path.remove(BENCH)
+
+
+gs = _load("gpu_session")
+
+# writes a partial benchmark record, then works for a minute: the driver must stop it and keep the rows
+SLOW = ("-c", "import json, sys, time\n"
+              "json.dump({'benchmark': 'fake', 'rows': [{'ms': 1.0}], 'complete': False}, open(sys.argv[1], 'w'))\n"
+              "print('measured one row', flush=True)\n"
+              "time.sleep(60)\n", "{json}")
+
+
+def test_stage_cut_at_its_cap_keeps_rows_and_later_stages_skip_when_out_of_budget(tmp_path):
+    slow = gs.Stage("slow", "a stage that overruns", SLOW, SLOW, cap_s=3)
+    later = gs.Stage("later", "no time left for this", SLOW, SLOW, cap_s=3)
+    start = time.monotonic()
+    budget = gs.RESERVE_S + 20 + 2  # room for the first stage only: 3 s later fewer than 20 s are left
+    session = gs.run_session([slow, later], str(tmp_path), budget, smoke=True, env=dict(os.environ), facts={},
+                             log=lambda s: None)
+    assert time.monotonic() - start < 20
+    first, second = session["stages"]
+    assert first["cut"] is True and first["rc"] is None and 3 <= first["seconds"] < 15
+    assert first["result"]["rows"] == [{"ms": 1.0}]
+    assert second["skipped"] == "out of budget" and "rc" not in second
+    on_disk = json.loads((tmp_path / "session.json").read_text())
+    assert on_disk["stages"][0]["result"]["rows"] == [{"ms": 1.0}]
+    log = (tmp_path / "session.log").read_text()
+    assert "measured one row" in log and "cut at the time limit" in log
+    assert sorted(os.listdir(tmp_path)) == ["session.json", "session.log"]  # the device returns <= 8 files
+
+
+def test_pytest_summary_parsing():
+    assert gs.pytest_summary("....\n83 passed, 2 skipped, 120 deselected in 61.20s\n") == \
+        {"passed": 83, "skipped": 2, "deselected": 120}
+    assert gs.pytest_summary("FAILED x\n1 failed, 3 passed, 1 error in 2.00s (0:00:02)") == \
+        {"failed": 1, "passed": 3, "error": 1}
+    assert gs.pytest_summary("collected nothing") == {}
+
+
+def test_every_stage_names_cases_that_exist():
+    gn = _load("bench_group_norm")
+    at = _load("bench_attention")
+    gn_names = {name for name, _, _ in gn.SHAPES}
+    at_names = {s["case"] for s in at.shapes(False, 1)} | {s["case"] for s in at.shapes(True, 1)}
+    for stage in gs.STAGES:
+        for argv in (stage.gpu, stage.smoke):
+            args = list(argv)
+            if "--shapes" in args:
+                wanted = args[args.index("--shapes") + 1].split(",")
+                assert set(wanted) <= gn_names, (stage.name, wanted)
+            if "--cases" in args:
+                for case in args[args.index("--cases") + 1].split(","):
+                    assert any(case in name for name in at_names), (stage.name, case)
+            if "--dtypes" in args:
+                assert set(args[args.index("--dtypes") + 1].split(",")) <= set(gn.DTYPES)
+    assert len(set(gs.STAGE_NAMES)) == len(gs.STAGES)
+
+
+def test_link_tree_imports_kernels_without_installing(tmp_path):
+    folder = gs.link_tree(str(tmp_path))
+    code = "import text2ct_engine.kernels.group_norm as g, text2ct_engine.ops; print(g.__file__)"
+    env = dict(os.environ, PYTHONPATH=folder, TRITON_INTERPRET="1")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, cwd=str(tmp_path))
+    assert out.returncode == 0, out.stderr[-500:]
+    path = out.stdout.strip()
+    assert path.startswith(folder)
+    assert os.path.realpath(path) == os.path.join(ROOT, "kernels", "group_norm.py")
+
+
+def test_refuses_unknown_stage_and_cpu_without_smoke(capsys):
+    assert gs.main(["--stages", "gn-goal,nope"]) == 2
+    assert "nope" in capsys.readouterr().err
+    if not __import__("torch").cuda.is_available():
+        assert gs.main(["--stages", "gn-goal"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert "no CUDA device" in err and len(err.splitlines()) == 1
+
+
+@pytest.mark.skipif(os.environ.get("TEXT2CT_SLOW_TESTS") != "1", reason="~40 s: TEXT2CT_SLOW_TESTS=1")
+def test_smoke_session_runs_every_stage(tmp_path):
+    assert gs.main(["--smoke", "--out", str(tmp_path)]) == 0
+    session = json.loads((tmp_path / "session.json").read_text())
+    assert [s["name"] for s in session["stages"]] == list(gs.STAGE_NAMES)
+    for s in session["stages"]:
+        assert s["rc"] == 0, s
+        assert s.get("pytest", {}).get("passed", 0) > 0 or s["result"]["complete"] and s["result"]["rows"]
