@@ -25,6 +25,10 @@ kernel is. Two traffic counts, both in tensors of x's size:
   50 MiB L2, so there the compulsory count cannot pass 2/3 (forward) or 5/8 (forward+backward) of the
   copy rate; ``floor_pct`` is how close an implementation comes to moving its floor at copy speed.
 
+On GPU, where a group holds at most 2^18 elements (the UNet's levels 1-3), the Triton path that the default
+does not take is timed too: ``triton-split`` (three launches, many programs per group) or ``triton-1pass``
+(one program per group), to set ``kernels.group_norm.ONE_PASS_MAX`` from measurements.
+
 ``copy_pct``/``floor_pct`` are those rates over the best rate of a large (256 MiB on CPU, 2 GiB on GPU)
 device-to-device ``copy_`` (read + write) into a preallocated buffer: small shapes that stay in cache can
 exceed 100%. ``speedup`` is over torch eager of the same mode. Times are
@@ -37,6 +41,7 @@ of a shared machine hits all of them alike; on CPU the count grows for short run
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import statistics
 import sys
@@ -47,10 +52,12 @@ import torch._dynamo
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import JsonRecord, device_name, peak_memory_mb, print_table, time_fn  # noqa: E402
 
+from text2ct_engine.kernels import group_norm as gn_kernels  # noqa: E402
 from text2ct_engine.ops import backend, choose_group_norm_backend, group_norm  # noqa: E402
 from text2ct_engine.ops.group_norm import group_norm_torch  # noqa: E402
 
 GROUPS, EPS = 32, 1e-6
+ONE_PASS_STUDY = 1 << 18  # groups up to this size are timed on both Triton paths (GPU)
 COMPULSORY = {"fwd": 2, "fwd+bwd": 5}  # tensors of x's size moved (see the docstring)
 FLOOR = {"fwd": 3, "fwd+bwd": 8}
 SHAPES = [  # name, (N, C, H, W, D), has the time-embedding add
@@ -70,11 +77,30 @@ def eager(x, w, b, a):
     return group_norm_torch(x, GROUPS, w, b, EPS, "silu", a)
 
 
-def ours(name):
+def ours(name, one_pass_max=None):
+    """The engine's op on backend ``name``; ``one_pass_max`` overrides the kernels' small-group threshold
+    during the call (0: always the split passes; a huge value: always one program per group)."""
     def fn(x, w, b, a):
-        with backend(name):
-            return group_norm(x, GROUPS, w, b, EPS, "silu", a)
+        saved = gn_kernels.ONE_PASS_MAX
+        if one_pass_max is not None:
+            gn_kernels.ONE_PASS_MAX = one_pass_max
+        try:
+            with backend(name):
+                return group_norm(x, GROUPS, w, b, EPS, "silu", a)
+        finally:
+            gn_kernels.ONE_PASS_MAX = saved
     return fn
+
+
+def path_variants(shape) -> dict:
+    """On GPU, where a group is small enough for either Triton path, the one the default does not take, so
+    that both are timed and ONE_PASS_MAX can be set from the figures."""
+    group = shape[1] // GROUPS * math.prod(shape[2:])
+    if group > ONE_PASS_STUDY:
+        return {}
+    if group <= gn_kernels.ONE_PASS_MAX:
+        return {"triton-split": ours("triton", 0)}
+    return {"triton-1pass": ours("triton", 1 << 62)}
 
 
 def copy_bandwidth(nbytes: int, dtype: torch.dtype, device: torch.device, warmup: int, reps: int) -> float:
@@ -147,9 +173,10 @@ def main() -> None:
             copy_gbs = copy_cache[dtype]
             chosen = choose_group_norm_backend(x)
             modes = ["fwd"] if args.no_backward else ["fwd", "fwd+bwd"]
+            shape_impls = dict(impls, **({} if cpu else path_variants(shape)))
             for mode in modes:
                 runs = {}
-                for impl, fn in impls.items():
+                for impl, fn in shape_impls.items():
                     if mode == "fwd":
                         def run(fn=fn):
                             with torch.no_grad():

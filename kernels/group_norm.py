@@ -48,9 +48,19 @@ so the only reductions over the volume are three per-(n, c) sums: ds = sum dz, d
 are their sums over n) and dadd, and ``_gn_bwd_apply_kernel`` re-reads x and dy and writes dx. z and xhat
 are recomputed from x and the saved (mean, rstd): nothing of size x is saved by the forward.
 
+Small groups: one launch each way
+---------------------------------
+At the UNet's deepest levels a group holds 16K-64K elements (N * G = 64 groups at batch 2): the data is
+a few MiB and three launches, plus the partials' trip through memory, cost more than moving it. For groups
+of at most ``ONE_PASS_MAX`` elements ``_gn_fwd_group_kernel`` and ``_gn_bwd_group_kernel`` give each
+(n, g) one program that sweeps the group twice (moments, then apply; the second read of so small a group
+comes from L1/L2) with the same tile arithmetic as the split passes (shared ``@triton.jit`` helpers).
+
 All statistics and arithmetic are fp32 whatever the input dtype; loads convert, stores round once.
-Loop trip counts are compile-time constants (TILES, P_ITERS): the interpreter of some triton versions
-fails on runtime loop bounds.
+The split passes' loop trip counts are compile-time constants (TILES, P_ITERS): the interpreter of some
+triton versions (3.6 with numpy >= 2.4) fails on runtime loop bounds. The one-program-per-group kernels
+loop to the runtime S (a constant trip count would compile once per volume size); under such an
+interpreter use numpy < 2.4.
 """
 from __future__ import annotations
 
@@ -70,14 +80,8 @@ def _interpreting() -> bool:
 # shared helper: the per-channel constants of one tile's channels
 # ------------------------------------------------------------------------------------------------------
 @triton.jit
-def _channel_constants(n, c, cmask, MEAN, RSTD, W, B, ADD, C, G, Cg,
-                       HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_ADD: tl.constexpr):
-    """mu (mean of the group minus the channel's add), rstd, w, b for channels c of sample n (fp32)."""
-    g = c // Cg
-    mu = tl.load(MEAN + n * G + g, mask=cmask, other=0.0)
-    rstd = tl.load(RSTD + n * G + g, mask=cmask, other=0.0)
-    if HAS_ADD:
-        mu = mu - tl.load(ADD + n * C + c, mask=cmask, other=0.0).to(tl.float32)
+def _affine_constants(c, cmask, W, B, HAS_W: tl.constexpr, HAS_B: tl.constexpr):
+    """w, b of channels c in fp32 (1 and 0 without affine; 0 for masked-off channels with affine)."""
     if HAS_W:
         w = tl.load(W + c, mask=cmask, other=0.0).to(tl.float32)
     else:
@@ -86,7 +90,51 @@ def _channel_constants(n, c, cmask, MEAN, RSTD, W, B, ADD, C, G, Cg,
         b = tl.load(B + c, mask=cmask, other=0.0).to(tl.float32)
     else:
         b = tl.zeros(c.shape, tl.float32)
+    return w, b
+
+
+@triton.jit
+def _channel_constants(n, c, cmask, MEAN, RSTD, W, B, ADD, C, G, Cg,
+                       HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_ADD: tl.constexpr):
+    """mu (mean of the group minus the channel's add), rstd, w, b for channels c of sample n (fp32)."""
+    g = c // Cg
+    mu = tl.load(MEAN + n * G + g, mask=cmask, other=0.0)
+    rstd = tl.load(RSTD + n * G + g, mask=cmask, other=0.0)
+    if HAS_ADD:
+        mu = mu - tl.load(ADD + n * C + c, mask=cmask, other=0.0).to(tl.float32)
+    w, b = _affine_constants(c, cmask, W, B, HAS_W, HAS_B)
     return mu, rstd, w, b
+
+
+@triton.jit
+def _merge_tile_moments(mean, m2, x, mask, n_a, n_b):
+    """Fold one tile (BLOCK_C x BLOCK_S, n_b valid positions per channel) into the running per-channel
+    (mean, M2) of n_a positions: two-pass moments within the tile, Chan et al.'s formula across tiles."""
+    mean_b = tl.sum(x, axis=1) / tl.maximum(n_b, 1.0)
+    d = tl.where(mask, x - mean_b[:, None], 0.0)
+    m2_b = tl.sum(d * d, axis=1)
+    frac = n_b / tl.maximum(n_a + n_b, 1.0)
+    delta = mean_b - mean
+    return mean + delta * frac, m2 + m2_b + delta * delta * n_a * frac
+
+
+@triton.jit
+def _group_moments(mean, m2, cmask, S, Cg, inv_count, eps):
+    """Mean and rstd of a group from its channels' (mean, M2) over S positions each."""
+    mean_g = tl.sum(tl.where(cmask, mean, 0.0), axis=0) / Cg  # equal counts: the channels' plain mean
+    dm = tl.where(cmask, mean - mean_g, 0.0)
+    m2_g = tl.sum(tl.where(cmask, m2, 0.0), axis=0) + (S * 1.0) * tl.sum(dm * dm, axis=0)
+    var = tl.maximum(m2_g * inv_count, 0.0)
+    return mean_g, 1.0 / tl.sqrt(var + eps)
+
+
+@triton.jit
+def _apply_tile(x, mu, scale, b, SILU: tl.constexpr):
+    """act((x - mu) * scale + b) for a tile, fp32, with per-channel (column-broadcast) constants."""
+    z = (x - mu) * scale + b
+    if SILU:
+        z = z * tl.sigmoid(z)
+    return z
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -113,14 +161,7 @@ def _gn_fwd_stats_kernel(X, PMEAN, PM2, C, S, stride_xn, stride_xc, stride_xs, N
         # this tile's count, and the count merged so far (both known without a loop-carried scalar)
         n_b = tl.minimum(tl.maximum(S - t0, 0), BLOCK_S).to(tl.float32)
         n_a = tl.minimum(tl.maximum(S - s_start, 0), t * BLOCK_S).to(tl.float32)
-        mean_b = tl.sum(x, axis=1) / tl.maximum(n_b, 1.0)
-        d = tl.where(mask, x - mean_b[:, None], 0.0)
-        m2_b = tl.sum(d * d, axis=1)
-        # Chan et al.: merge (n_a, mean, m2) with (n_b, mean_b, m2_b)
-        frac = n_b / tl.maximum(n_a + n_b, 1.0)
-        delta = mean_b - mean
-        mean = mean + delta * frac
-        m2 = m2 + m2_b + delta * delta * n_a * frac
+        mean, m2 = _merge_tile_moments(mean, m2, x, mask, n_a, n_b)
     out = (n * C + c).to(tl.int64) * NUM_SPLITS + sp
     tl.store(PMEAN + out, mean, mask=cmask)
     tl.store(PM2 + out, m2, mask=cmask)
@@ -158,13 +199,9 @@ def _gn_fwd_finalize_kernel(PMEAN, PM2, ADD, MEAN, RSTD, C, S, G, Cg, NUM_SPLITS
         m2 = m2 + m2_b + delta * delta * n_a * frac
     if HAS_ADD:  # the add shifts each channel's mean and leaves its M2 alone
         mean = mean + tl.load(ADD + n * C + c, mask=cmask, other=0.0).to(tl.float32)
-    # all channels hold S elements: group mean is the channels' plain mean
-    mean_g = tl.sum(tl.where(cmask, mean, 0.0), axis=0) / Cg
-    dm = tl.where(cmask, mean - mean_g, 0.0)
-    m2_g = tl.sum(tl.where(cmask, m2, 0.0), axis=0) + (S * 1.0) * tl.sum(dm * dm, axis=0)
-    var = tl.maximum(m2_g * inv_count, 0.0)
+    mean_g, rstd = _group_moments(mean, m2, cmask, S, Cg, inv_count, eps)
     tl.store(MEAN + n * G + g, mean_g)
-    tl.store(RSTD + n * G + g, 1.0 / tl.sqrt(var + eps))
+    tl.store(RSTD + n * G + g, rstd)
 
 
 @triton.jit
@@ -189,9 +226,7 @@ def _gn_fwd_apply_kernel(X, Y, MEAN, RSTD, W, B, ADD, C, S, G, Cg,
         s = s_start + t * BLOCK_S + tl.arange(0, BLOCK_S)
         mask = cmask[:, None] & (s < S)[None, :]
         x = tl.load(xrow + s[None, :] * stride_xs, mask=mask, other=0.0).to(tl.float32)
-        z = (x - mu) * scale + b
-        if SILU:
-            z = z * tl.sigmoid(z)
+        z = _apply_tile(x, mu, scale, b, SILU)
         tl.store(yrow + s[None, :] * stride_ys, z.to(Y.dtype.element_ty), mask=mask)
 
 
@@ -209,6 +244,49 @@ def _dz_xhat(x, dy, mu, rstd, w, b, SILU: tl.constexpr):
     else:
         dz = dy
     return xhat, dz
+
+
+@triton.jit
+def _group_weights(c, cmask, W, HAS_W: tl.constexpr):
+    """w of a group's channels in fp32, 0 for the masked-off lanes (so they drop out of c1 and c2)."""
+    if HAS_W:
+        return tl.load(W + c, mask=cmask, other=0.0).to(tl.float32)
+    return tl.where(cmask, 1.0, 0.0)
+
+
+@triton.jit
+def _bwd_coefficients(ds, dd, w, inv_count):
+    """c1 = mean over the group of w * dz, c2 = mean of w * dz * xhat, from per-channel sums ds, dd."""
+    return tl.sum(w * ds, axis=0) * inv_count, tl.sum(w * dd, axis=0) * inv_count
+
+
+@triton.jit
+def _dadd(ds, sx, w, rstd, c1, c2, S):
+    """dL/d add[n, c] = sum over the channel's positions of dx (sx = sum of xhat)."""
+    return rstd * (w * ds - (S * 1.0) * c1 - c2 * sx)
+
+
+@triton.jit
+def _dx_tile(x, dy, mu, rstd, w, b, c1, c2, SILU: tl.constexpr):
+    """dx = rstd * (w * dz - c1 - xhat * c2) for a tile (constants broadcast per channel)."""
+    xhat, dz = _dz_xhat(x, dy, mu, rstd, w, b, SILU)
+    return rstd * (w * dz - c1 - xhat * c2)
+
+
+@triton.jit
+def _accumulate_bwd_tile(acc_ds, acc_dd, acc_sx, xrow, drow, s, cmask, S, stride_xs, stride_ds, mu, rstd, w, b,
+                         SILU: tl.constexpr, HAS_ADD: tl.constexpr):
+    """Add one tile's dz, dz * xhat (and xhat) to the running (BLOCK_C, BLOCK_S) sums: reads x and dy."""
+    mask = cmask[:, None] & (s < S)[None, :]
+    x = tl.load(xrow + s[None, :] * stride_xs, mask=mask, other=0.0).to(tl.float32)
+    dy = tl.load(drow + s[None, :] * stride_ds, mask=mask, other=0.0).to(tl.float32)
+    xhat, dz = _dz_xhat(x, dy, mu, rstd, w, b, SILU)
+    xhat = tl.where(mask, xhat, 0.0)
+    acc_ds += dz
+    acc_dd += dz * xhat
+    if HAS_ADD:
+        acc_sx += xhat
+    return acc_ds, acc_dd, acc_sx
 
 
 @triton.jit
@@ -235,15 +313,8 @@ def _gn_bwd_stats_kernel(X, DY, MEAN, RSTD, W, B, ADD, PDS, PDD, PSX, C, S, G, C
     acc_sx = tl.zeros([BLOCK_C, BLOCK_S], tl.float32)
     for t in range(TILES):
         s = s_start + t * BLOCK_S + tl.arange(0, BLOCK_S)
-        mask = cmask[:, None] & (s < S)[None, :]
-        x = tl.load(xrow + s[None, :] * stride_xs, mask=mask, other=0.0).to(tl.float32)
-        dy = tl.load(drow + s[None, :] * stride_ds, mask=mask, other=0.0).to(tl.float32)
-        xhat, dz = _dz_xhat(x, dy, mu, rstd, w, b, SILU)
-        xhat = tl.where(mask, xhat, 0.0)
-        acc_ds += dz
-        acc_dd += dz * xhat
-        if HAS_ADD:
-            acc_sx += xhat
+        acc_ds, acc_dd, acc_sx = _accumulate_bwd_tile(acc_ds, acc_dd, acc_sx, xrow, drow, s, cmask, S,
+                                                      stride_xs, stride_ds, mu, rstd, w, b, SILU, HAS_ADD)
     out = (n * C + c).to(tl.int64) * NUM_SPLITS + sp
     tl.store(PDS + out, tl.sum(acc_ds, axis=1), mask=cmask)
     tl.store(PDD + out, tl.sum(acc_dd, axis=1), mask=cmask)
@@ -274,20 +345,15 @@ def _gn_bwd_finalize_kernel(PDS, PDD, PSX, W, RSTD, DS, DD, C1, C2, DADD, C, S, 
             acc_sx += tl.load(PSX + row[:, None] + p[None, :], mask=mask, other=0.0)
     ds = tl.sum(acc_ds, axis=1)
     dd = tl.sum(acc_dd, axis=1)
-    if HAS_W:
-        w = tl.load(W + c, mask=cmask, other=0.0).to(tl.float32)
-    else:
-        w = tl.where(cmask, 1.0, 0.0)
-    c1 = tl.sum(w * ds, axis=0) * inv_count
-    c2 = tl.sum(w * dd, axis=0) * inv_count
+    w = _group_weights(c, cmask, W, HAS_W)
+    c1, c2 = _bwd_coefficients(ds, dd, w, inv_count)
     tl.store(DS + n * C + c, ds, mask=cmask)
     tl.store(DD + n * C + c, dd, mask=cmask)
     tl.store(C1 + n * G + g, c1)
     tl.store(C2 + n * G + g, c2)
     if HAS_ADD:
-        sx = tl.sum(acc_sx, axis=1)
         rstd = tl.load(RSTD + n * G + g)
-        tl.store(DADD + n * C + c, rstd * (w * ds - (S * 1.0) * c1 - c2 * sx), mask=cmask)
+        tl.store(DADD + n * C + c, _dadd(ds, tl.sum(acc_sx, axis=1), w, rstd, c1, c2, S), mask=cmask)
 
 
 @triton.jit
@@ -320,8 +386,100 @@ def _gn_bwd_apply_kernel(X, DY, DX, MEAN, RSTD, C1, C2, W, B, ADD, C, S, G, Cg,
         mask = cmask[:, None] & (s < S)[None, :]
         x = tl.load(xrow + s[None, :] * stride_xs, mask=mask, other=0.0).to(tl.float32)
         dy = tl.load(drow + s[None, :] * stride_ds, mask=mask, other=0.0).to(tl.float32)
-        xhat, dz = _dz_xhat(x, dy, mu, rstd, w, b, SILU)
-        dx = rstd * (w * dz - c1 - xhat * c2)
+        dx = _dx_tile(x, dy, mu, rstd, w, b, c1, c2, SILU)
+        tl.store(orow + s[None, :] * stride_os, dx.to(DX.dtype.element_ty), mask=mask)
+
+
+# ------------------------------------------------------------------------------------------------------
+# small groups: one program per (n, g), one launch for the forward and one for the backward
+# ------------------------------------------------------------------------------------------------------
+@triton.jit
+def _gn_fwd_group_kernel(X, Y, MEAN, RSTD, W, B, ADD, C, S, G, Cg, inv_count, eps,
+                         stride_xn, stride_xc, stride_xs, stride_yn, stride_yc, stride_ys,
+                         HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_ADD: tl.constexpr, SILU: tl.constexpr,
+                         BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
+    """Grid (G, N): the whole forward of group (n, g) in one program. Sweep 1 reads the group's tiles for
+    the moments, sweep 2 reads them again (from L1/L2: the group is small) and writes y. Same arithmetic as
+    the three split launches; what it saves is two launches and the partials' round trip through memory,
+    which is what a small group costs (the UNet's deep levels hold 16K-64K elements per group)."""
+    g = tl.program_id(0)
+    n = tl.program_id(1)
+    cg = tl.arange(0, BLOCK_C)
+    cmask = cg < Cg
+    c = g * Cg + cg
+    xrow = X + n.to(tl.int64) * stride_xn + c.to(tl.int64)[:, None] * stride_xc
+    yrow = Y + n.to(tl.int64) * stride_yn + c.to(tl.int64)[:, None] * stride_yc
+    mean = tl.zeros([BLOCK_C], tl.float32)
+    m2 = tl.zeros([BLOCK_C], tl.float32)
+    for s0 in range(0, S, BLOCK_S):
+        s = s0 + tl.arange(0, BLOCK_S)
+        mask = cmask[:, None] & (s < S)[None, :]
+        x = tl.load(xrow + s[None, :] * stride_xs, mask=mask, other=0.0).to(tl.float32)
+        n_b = tl.minimum(S - s0, BLOCK_S).to(tl.float32)
+        mean, m2 = _merge_tile_moments(mean, m2, x, mask, s0 * 1.0, n_b)
+    if HAS_ADD:  # as in the split finalize: the add moves each channel's mean, not its M2
+        add = tl.load(ADD + n * C + c, mask=cmask, other=0.0).to(tl.float32)
+        mean = mean + add
+    mean_g, rstd = _group_moments(mean, m2, cmask, S, Cg, inv_count, eps)
+    tl.store(MEAN + n * G + g, mean_g)
+    tl.store(RSTD + n * G + g, rstd)
+    w, b = _affine_constants(c, cmask, W, B, HAS_W, HAS_B)
+    mu = tl.zeros([BLOCK_C], tl.float32) + mean_g
+    if HAS_ADD:
+        mu = mu - add
+    mu = mu[:, None]
+    scale = (rstd * w)[:, None]
+    b = b[:, None]
+    for s0 in range(0, S, BLOCK_S):
+        s = s0 + tl.arange(0, BLOCK_S)
+        mask = cmask[:, None] & (s < S)[None, :]
+        x = tl.load(xrow + s[None, :] * stride_xs, mask=mask, other=0.0).to(tl.float32)
+        z = _apply_tile(x, mu, scale, b, SILU)
+        tl.store(yrow + s[None, :] * stride_ys, z.to(Y.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _gn_bwd_group_kernel(X, DY, DX, MEAN, RSTD, W, B, ADD, DS, DD, DADD, C, S, G, Cg, inv_count,
+                         stride_xn, stride_xc, stride_xs, stride_dn, stride_dc, stride_ds,
+                         stride_on, stride_oc, stride_os,
+                         HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_ADD: tl.constexpr, SILU: tl.constexpr,
+                         BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
+    """Grid (G, N): the whole backward of group (n, g) in one program. Sweep 1 sums dz, dz * xhat (and
+    xhat) per channel, which give c1, c2 (and dadd); sweep 2 re-reads x and dy and writes dx. The per-(n, c)
+    sums ds, dd are written for dweight and dbias (summed over n on the host)."""
+    g = tl.program_id(0)
+    n = tl.program_id(1)
+    cg = tl.arange(0, BLOCK_C)
+    cmask = cg < Cg
+    c = g * Cg + cg
+    mu, rstd, w, b = _channel_constants(n, c, cmask, MEAN, RSTD, W, B, ADD, C, G, Cg, HAS_W, HAS_B, HAS_ADD)
+    mu = mu[:, None]
+    rstd_c = rstd[:, None]
+    w2 = w[:, None]
+    b = b[:, None]
+    xrow = X + n.to(tl.int64) * stride_xn + c.to(tl.int64)[:, None] * stride_xc
+    drow = DY + n.to(tl.int64) * stride_dn + c.to(tl.int64)[:, None] * stride_dc
+    orow = DX + n.to(tl.int64) * stride_on + c.to(tl.int64)[:, None] * stride_oc
+    acc_ds = tl.zeros([BLOCK_C, BLOCK_S], tl.float32)
+    acc_dd = tl.zeros([BLOCK_C, BLOCK_S], tl.float32)
+    acc_sx = tl.zeros([BLOCK_C, BLOCK_S], tl.float32)
+    for s0 in range(0, S, BLOCK_S):
+        s = s0 + tl.arange(0, BLOCK_S)
+        acc_ds, acc_dd, acc_sx = _accumulate_bwd_tile(acc_ds, acc_dd, acc_sx, xrow, drow, s, cmask, S,
+                                                      stride_xs, stride_ds, mu, rstd_c, w2, b, SILU, HAS_ADD)
+    ds = tl.sum(acc_ds, axis=1)
+    dd = tl.sum(acc_dd, axis=1)
+    c1, c2 = _bwd_coefficients(ds, dd, _group_weights(c, cmask, W, HAS_W), inv_count)
+    tl.store(DS + n * C + c, ds, mask=cmask)
+    tl.store(DD + n * C + c, dd, mask=cmask)
+    if HAS_ADD:
+        tl.store(DADD + n * C + c, _dadd(ds, tl.sum(acc_sx, axis=1), w, rstd, c1, c2, S), mask=cmask)
+    for s0 in range(0, S, BLOCK_S):
+        s = s0 + tl.arange(0, BLOCK_S)
+        mask = cmask[:, None] & (s < S)[None, :]
+        x = tl.load(xrow + s[None, :] * stride_xs, mask=mask, other=0.0).to(tl.float32)
+        dy = tl.load(drow + s[None, :] * stride_ds, mask=mask, other=0.0).to(tl.float32)
+        dx = _dx_tile(x, dy, mu, rstd_c, w2, b, c1, c2, SILU)
         tl.store(orow + s[None, :] * stride_os, dx.to(DX.dtype.element_ty), mask=mask)
 
 
@@ -331,21 +489,47 @@ def _gn_bwd_apply_kernel(X, DY, DX, MEAN, RSTD, C1, C2, W, B, ADD, C, S, G, Cg,
 @dataclasses.dataclass(frozen=True)
 class GroupNormConfig:
     """Tile of the volume passes (BLOCK_C channels x BLOCK_S positions, TILES tiles per program) and of
-    the finalize passes (BLOCK_P chunk partials per step). Powers of two."""
+    the finalize passes (BLOCK_P chunk partials per step). Powers of two. ``one_pass``: one program per
+    group sweeps it in BLOCK_S-position tiles of all its channels (block_c, tiles, block_p unused)."""
     block_c: int
     block_s: int
     tiles: int = 1
     block_p: int | None = None
     num_warps: int = 4
+    one_pass: bool = False
+
+
+# Groups of at most this many elements take the one-launch path (``_gn_*_group_kernel``): the UNet's two
+# deepest levels at a 4x128x128x32 latent (16K and 64K elements per group, N * G = 64 programs), where three
+# launches and a round trip of the partials cost more than the data. Larger groups need the split passes to
+# spread over the GPU. A first guess from that arithmetic, to be set from the GPU session's gn-unet rows
+# (bench_group_norm.py times both paths where this one applies).
+ONE_PASS_MAX = 1 << 16
 
 
 def _pow2(n: int) -> int:
     return triton.next_power_of_2(max(int(n), 1))
 
 
-def default_config(n: int, c: int, s: int, stride_c: int, stride_s: int) -> GroupNormConfig:
-    """Tile for an (n, c, s) view: unit-stride axis fast; many programs per group on big volumes."""
-    elems = 16384 if _interpreting() else 4096  # the interpreter pays per program, the GPU per register
+def _tile_elems() -> int:
+    return 16384 if _interpreting() else 4096  # the interpreter pays per program, the GPU per register
+
+
+def one_pass_config(cg: int, s: int) -> GroupNormConfig:
+    """Tile of the one-program-per-group path: all Cg channels x as many positions as fit the tile."""
+    block_c = _pow2(cg)
+    block_s = max(1, min(_pow2(s), _tile_elems() // block_c))
+    return GroupNormConfig(block_c, block_s, num_warps=8 if block_c * block_s >= 4096 else 4, one_pass=True)
+
+
+def default_config(n: int, c: int, s: int, stride_c: int, stride_s: int, groups: int | None = None
+                   ) -> GroupNormConfig:
+    """Tile for an (n, c, s) view: unit-stride axis fast; many programs per group on big volumes, one
+    program per group when ``groups`` is given and a group holds at most ONE_PASS_MAX elements (and at
+    most 1024 channels, so that a tile of all of them still fits)."""
+    if groups is not None and (c // groups) * s <= ONE_PASS_MAX and c // groups <= 1024:
+        return one_pass_config(c // groups, s)
+    elems = _tile_elems()
     if stride_c == 1 and stride_s != 1:  # channels_last: a tile is BLOCK_S rows of all channels
         block_c = min(_pow2(c), 512)
         block_s = max(1, min(_pow2(s), elems // block_c))
@@ -411,12 +595,20 @@ def group_norm_fwd(x: torch.Tensor, num_groups: int, weight: torch.Tensor | None
         mean.fill_(float("nan"))
         rstd.fill_(float("nan"))
         return y, mean, rstd
-    cfg = config or default_config(N, C, S, x3.stride(1), x3.stride(2))
+    cfg = config or default_config(N, C, S, x3.stride(1), x3.stride(2), G)
+    weight, bias, add = _vec(weight), _vec(bias), _vec(add)
+    dummy = mean  # stands in for absent optional pointers (never read: the HAS_* flag is off)
+    if cfg.one_pass:
+        _gn_fwd_group_kernel[(G, N)](x3, y3, mean, rstd, weight if weight is not None else dummy,
+                                     bias if bias is not None else dummy, add if add is not None else dummy,
+                                     C, S, G, Cg, 1.0 / (Cg * S), float(eps), *x3.stride(), *y3.stride(),
+                                     HAS_W=weight is not None, HAS_B=bias is not None, HAS_ADD=add is not None,
+                                     SILU=act == "silu", BLOCK_C=_pow2(Cg), BLOCK_S=cfg.block_s,
+                                     num_warps=cfg.num_warps)
+        return y, mean, rstd
     chunk = cfg.block_s * cfg.tiles
     splits = triton.cdiv(S, chunk)
     cblocks = triton.cdiv(C, cfg.block_c)
-    weight, bias, add = _vec(weight), _vec(bias), _vec(add)
-    dummy = mean  # stands in for absent optional pointers (never read: the HAS_* flag is off)
     pmean = torch.empty((N, C, splits), device=x.device, dtype=torch.float32)
     pm2 = torch.empty_like(pmean)
     grid = (splits, cblocks, N)
@@ -459,21 +651,26 @@ def group_norm_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor | Non
     dadd = torch.zeros((N, C), **f32) if add is not None else torch.empty((0,), **f32)
     if x.numel() == 0:
         return dx, dd.sum(0), ds.sum(0), dadd
-    cfg = config or default_config(N, C, S, x3.stride(1), x3.stride(2))
+    cfg = config or default_config(N, C, S, x3.stride(1), x3.stride(2), G)
+    weight, bias, add = _vec(weight), _vec(bias), _vec(add)
+    dummy = mean
+    flags = dict(HAS_W=weight is not None, HAS_B=bias is not None, HAS_ADD=add is not None, SILU=act == "silu")
+    wp = weight if weight is not None else dummy
+    bp = bias if bias is not None else dummy
+    ap = add if add is not None else dummy
+    if cfg.one_pass:
+        _gn_bwd_group_kernel[(G, N)](x3, d3, o3, mean, rstd, wp, bp, ap, ds, dd, dadd if add is not None else dummy,
+                                     C, S, G, Cg, 1.0 / (Cg * S), *x3.stride(), *d3.stride(), *o3.stride(),
+                                     **flags, BLOCK_C=_pow2(Cg), BLOCK_S=cfg.block_s, num_warps=cfg.num_warps)
+        return dx, dd.sum(0), ds.sum(0), dadd
     chunk = cfg.block_s * cfg.tiles
     splits = triton.cdiv(S, chunk)
     cblocks = triton.cdiv(C, cfg.block_c)
-    weight, bias, add = _vec(weight), _vec(bias), _vec(add)
-    dummy = mean
     pds = torch.empty((N, C, splits), **f32)
     pdd = torch.empty_like(pds)
     psx = torch.empty_like(pds) if add is not None else dummy
     c1 = torch.empty((N, G), **f32)
     c2 = torch.empty((N, G), **f32)
-    wp = weight if weight is not None else dummy
-    bp = bias if bias is not None else dummy
-    ap = add if add is not None else dummy
-    flags = dict(HAS_W=weight is not None, HAS_B=bias is not None, HAS_ADD=add is not None, SILU=act == "silu")
     grid = (splits, cblocks, N)
     _gn_bwd_stats_kernel[grid](x3, d3, mean, rstd, wp, bp, ap, pds, pdd, psx, C, S, G, Cg,
                                *x3.stride(), *d3.stride(), splits, **flags,

@@ -82,6 +82,14 @@ def test_every_stage_names_cases_that_exist():
     assert len(set(gs.STAGE_NAMES)) == len(gs.STAGES)
 
 
+def test_group_norm_bench_times_both_triton_paths_where_both_apply():
+    gn = _load("bench_group_norm")
+    shapes = {name: shape for name, shape, _ in gn.SHAPES}
+    assert set(gn.path_variants(shapes["unet-L3"])) == {"triton-split"}  # 16K per group: default one-pass
+    assert set(gn.path_variants(shapes["unet-L1"])) == {"triton-1pass"}  # 256K per group: default split
+    assert gn.path_variants(shapes["vae-L0"]) == {}  # 4M per group: only the split passes make sense
+
+
 def test_link_tree_imports_kernels_without_installing(tmp_path):
     folder = gs.link_tree(str(tmp_path))
     code = "import text2ct_engine.kernels.group_norm as g, text2ct_engine.ops; print(g.__file__)"

@@ -18,6 +18,7 @@ from text2ct_engine.ops.group_norm import group_norm_torch
 from kernel_device import DEVICE, ON_GPU
 
 gn_ops = importlib.import_module("text2ct_engine.ops.group_norm")  # the module (ops.group_norm is the function)
+gn_kernels = importlib.import_module("text2ct_engine.kernels.group_norm")
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # (rtol, atol): fp32 ~1e-5 relative; fp16/bf16 within their rounding (the Triton interpreter rounds
@@ -26,6 +27,15 @@ TOL = {torch.float32: (2e-5, 2e-5), torch.float16: (2e-3, 2e-3), torch.bfloat16:
 # forced small tiles: 4 channels (straddling groups of 2) x 4 positions, 2 tiles per program (chunks of 8
 # positions, so 30 positions make 4 chunks with a tail), 2 partials per finalize step (2 steps)
 SPLIT = GroupNormConfig(block_c=4, block_s=4, tiles=2, block_p=2)
+# forced one-program-per-group path with 4-position tiles: 30 positions make 8 tiles, the last of 2
+ONE = GroupNormConfig(block_c=1, block_s=4, one_pass=True)
+CONFIGS = {None: None, "split": SPLIT, "one": ONE}
+
+
+@pytest.fixture
+def no_one_pass(monkeypatch):
+    """The default tiling without the one-launch path (as for groups above ONE_PASS_MAX)."""
+    monkeypatch.setattr(gn_kernels, "ONE_PASS_MAX", 0)
 
 
 def _cpp_built() -> bool:
@@ -92,14 +102,16 @@ def with_layouts(cases):
 @pytest.mark.kernel
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape,groups,config,channels_last", with_layouts([
-    ((2, 6, 3, 5, 7), 3, None),          # 5D, odd spatial, one program per group
+    ((2, 6, 3, 5, 7), 3, None),          # 5D, odd spatial, default tiles (one program per group)
     ((3, 8, 5, 9), 4, None),             # 4D
     ((2, 6, 2, 3, 5), 3, "split"),       # forced split: 30 positions in chunks of 8 -> 4 chunks, tail
     ((1, 6, 37), 2, "split"),            # 3D input, N = 1, 37 positions
+    ((2, 6, 2, 3, 5), 3, "one"),         # one program per group, 8 tiles of 4 positions with a tail
+    ((1, 12, 37), 2, "one"),             # 6 channels per group in a tile of 8 (masked lanes), 10 tiles
 ]))
 def test_triton_forward(dtype, channels_last, shape, groups, config):
     x, w, b, a = make(shape, dtype, channels_last)
-    cfg = SPLIT if config == "split" else None
+    cfg = CONFIGS[config]
     out = poisoned(x)
     y, mean, rstd = group_norm_fwd(x, groups, w, b, a, 1e-6, "silu", out=out, config=cfg)
     assert y.data_ptr() == out.data_ptr() and y.stride() == x.stride() and y.dtype == dtype
@@ -116,15 +128,16 @@ def test_triton_forward_options(act, affine, use_add):
     x, w, b, a = make((2, 8, 2, 3, 5))
     w, b = (w, b) if affine else (None, None)
     a = a if use_add else None
-    y, _, _ = group_norm_fwd(x, 2, w, b, a, 1e-5, act, out=poisoned(x), config=SPLIT)
-    close(y, ref(x, 2, w, b, a, 1e-5, act), torch.float32)
+    for cfg in (SPLIT, ONE):
+        y, _, _ = group_norm_fwd(x, 2, w, b, a, 1e-5, act, out=poisoned(x), config=cfg)
+        close(y, ref(x, 2, w, b, a, 1e-5, act), torch.float32)
 
 
 @pytest.mark.kernel
 def test_triton_forward_large_mean_is_stable():
     # |mean| / std = 1000: a one-pass sum of squares in fp32 would lose the variance
     x, w, b, _ = make((2, 4, 2, 3, 5), scale=1.0, offset=1000.0)
-    for cfg in (None, SPLIT):
+    for cfg in (None, SPLIT, ONE):
         y, _, _ = group_norm_fwd(x, 2, w, b, None, 1e-6, None, out=poisoned(x), config=cfg)
         torch.testing.assert_close(y.double(), ref(x, 2, w, b), rtol=1e-3, atol=1e-3)
 
@@ -153,11 +166,11 @@ def _float64_grads(x, w, b, a, groups, act, dy):
 @pytest.mark.kernel
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("channels_last", [False, True], ids=["contig", "cl"])
-@pytest.mark.parametrize("split", [False, True], ids=["whole", "split"])
-def test_triton_backward(dtype, channels_last, split):
-    shape, groups = ((2, 8, 3, 5, 7), 4) if not split else ((2, 6, 2, 3, 5), 3)
+@pytest.mark.parametrize("config", [None, "split", "one"], ids=["default", "split", "one"])
+def test_triton_backward(dtype, channels_last, config):
+    shape, groups = ((2, 8, 3, 5, 7), 4) if config is None else ((2, 6, 2, 3, 5), 3)
     x, w, b, a = make(shape, dtype, channels_last)
-    cfg = SPLIT if split else None
+    cfg = CONFIGS[config]
     _, mean, rstd = group_norm_fwd(x, groups, w, b, a, 1e-6, "silu", config=cfg)
     dy = (torch.randn(shape) + 0.3).to(dtype).to(DEVICE)  # contiguous even when x is channels_last
     out = poisoned(x)
@@ -187,15 +200,39 @@ def test_triton_default_tiles_at_network_sizes(dtype, channels_last):
 
 @pytest.mark.kernel
 @pytest.mark.parametrize("act", [None, "silu"])
-def test_triton_backward_without_affine_or_add(act):
+@pytest.mark.parametrize("config", ["split", "one"])
+def test_triton_backward_without_affine_or_add(act, config):
     x = make((2, 6, 2, 3, 5))[0]
-    _, mean, rstd = group_norm_fwd(x, 3, None, None, None, 1e-6, act, config=SPLIT)
+    cfg = CONFIGS[config]
+    _, mean, rstd = group_norm_fwd(x, 3, None, None, None, 1e-6, act, config=cfg)
     dy = torch.randn_like(x) * 2 + 0.5
-    dx, _, _, da = group_norm_bwd(dy, x, None, None, None, mean, rstd, 3, act, dx_out=poisoned(x), config=SPLIT)
+    dx, _, _, da = group_norm_bwd(dy, x, None, None, None, mean, rstd, 3, act, dx_out=poisoned(x), config=cfg)
     assert da.numel() == 0
     xr = x.double().requires_grad_()
     ref(xr, 3, act=act).backward(dy.double())
     close(dx, xr.grad, torch.float32, "dx")
+
+
+@pytest.mark.kernel
+@pytest.mark.parametrize("channels_last", [False, True], ids=["contig", "cl"])
+def test_triton_default_split_tiles(no_one_pass, channels_last):
+    """The default split tiling (one program per chunk of a group), as groups above ONE_PASS_MAX get it."""
+    x, w, b, a = make((2, 6, 3, 5, 7), torch.float32, channels_last)
+    assert not gn_kernels.default_config(2, 6, 105, *gn_kernels._view3(x).stride()[1:], 3).one_pass
+    y, mean, rstd = group_norm_fwd(x, 3, w, b, a, 1e-6, "silu", out=poisoned(x))
+    close(y, ref(x, 3, w, b, a, act="silu"), torch.float32, "y")
+    dy = torch.randn(x.shape, device=DEVICE) + 0.3
+    dx, dw, db, da = group_norm_bwd(dy, x, w, b, a, mean, rstd, 3, "silu", dx_out=poisoned(x))
+    for got, want, what in zip((dx, dw, db, da), _float64_grads(x, w, b, a, 3, "silu", dy), "xwba"):
+        (close if what == "x" else close_sum)(got, want, torch.float32, f"d{what}")
+
+
+def test_default_config_takes_one_pass_for_small_groups_only():
+    one = gn_kernels.default_config(2, 512, 16 * 16 * 4, 1024, 1, 32)  # UNet level 4: 16 x 1024 per group
+    assert one.one_pass and one.block_c == 16
+    assert not gn_kernels.default_config(1, 64, 512 * 512 * 128, 512 * 512 * 128, 1, 32).one_pass  # VAE
+    assert not gn_kernels.default_config(1, 4096, 1, 1, 1, 2).one_pass  # 2048 channels: no tile holds them
+    assert not gn_kernels.default_config(2, 512, 1024, 1024, 1).one_pass  # no group count: split tiles
 
 
 # ------------------------------------------------------------------------------------------------------

@@ -49,7 +49,8 @@ json.dump(out, sys.stdout)
 
 
 @pytest.mark.skipif(not HAS_PTXAS, reason="triton has no NVIDIA backend tools here")
-@pytest.mark.parametrize("only", ["group_norm 1x64x512x512x128", "attention B2 H8 Nq8192 Nk77"])
+@pytest.mark.parametrize("only", ["group_norm 1x64x512x512x128", "group_norm 2x256x32x32x8",
+                                  "attention B2 H8 Nq8192 Nk77"])
 def test_kernels_compile_for_sm86_without_spills(only):
     env = dict(os.environ, TRITON_INTERPRET="0")
     proc = subprocess.run([sys.executable, "-c", _SCRIPT, only], env=env, capture_output=True, text=True,
@@ -61,7 +62,8 @@ def test_kernels_compile_for_sm86_without_spills(only):
     assert real["problems"] == []
     kernels = {r["kernel"] for r in real["reports"]}
     if only.startswith("group_norm"):
-        stages = {"stats", "finalize", "apply"}
+        # the VAE's 128 MiB groups take the split passes; the UNet's 64K-element groups one program each
+        stages = {"stats", "finalize", "apply"} if "512x512" in only else {"group"}
         assert kernels == {f"_gn_{d}_{s}_kernel" for d in ("fwd", "bwd") for s in stages}
         # the streaming passes of a memory-bound op must move 128 bits per load on a contiguous bf16 volume
         for r in real["reports"]:

@@ -2,7 +2,8 @@
 
 Backends (see ``ops.backend``):
 
-- ``triton``: ``text2ct_engine.kernels.group_norm`` (split reductions, fused add/affine/SiLU, fused backward),
+- ``triton``: ``text2ct_engine.kernels.group_norm`` (split reductions for big groups, one program per group
+  for small ones, fused add/affine/SiLU, fused backward),
   registered as the custom op ``text2ct::group_norm_triton`` with a fake impl and autograd, so it runs under
   ``FakeTensorMode`` and ``torch.compile``. The default for CUDA tensors; on CPU only under TRITON_INTERPRET=1.
 - ``cpp``: the C++/OpenMP CPU kernels in ``csrc/group_norm.cpp`` (fp32/bf16, forward and backward), custom
