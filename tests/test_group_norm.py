@@ -227,6 +227,19 @@ def test_triton_default_split_tiles(no_one_pass, channels_last):
         (close if what == "x" else close_sum)(got, want, torch.float32, f"d{what}")
 
 
+@pytest.mark.kernel
+def test_triton_one_pass_at_the_unet_deepest_level():
+    """The default (one program per group) at the UNet's level-4 shape: 16 channels x 1024 per group."""
+    x, w, b, a = make((2, 512, 16, 16, 4), torch.bfloat16)
+    assert gn_kernels.default_config(2, 512, 1024, 1024, 1, 32).one_pass
+    y, mean, rstd = group_norm_fwd(x, 32, w, b, a, 1e-6, "silu", out=poisoned(x))
+    close(y, ref(x, 32, w, b, a, act="silu"), torch.bfloat16, "y")
+    dy = (torch.randn(x.shape, device=DEVICE) + 0.3).to(torch.bfloat16)
+    dx, dw, db, da = group_norm_bwd(dy, x, w, b, a, mean, rstd, 32, "silu", dx_out=poisoned(x))
+    for got, want, what in zip((dx, dw, db, da), _float64_grads(x, w, b, a, 32, "silu", dy), "xwba"):
+        (close if what == "x" else close_sum)(got, want, torch.bfloat16, f"d{what}")
+
+
 def test_default_config_takes_one_pass_for_small_groups_only():
     one = gn_kernels.default_config(2, 512, 16 * 16 * 4, 1024, 1, 32)  # UNet level 4: 16 x 1024 per group
     assert one.one_pass and one.block_c == 16
