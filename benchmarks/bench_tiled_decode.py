@@ -81,7 +81,7 @@ def run_variant(variant: str, vae: AutoencoderKL, z: torch.Tensor, args: argpars
         return vae.decode(z), None
     if variant == "old":
         return old_decoder(args.old_tiling)(vae, z, args.slab, storage=storage), None
-    decoder = SlabDecoder(vae, args.slab, storage, host_memory=variant)
+    decoder = SlabDecoder(vae, args.slab, storage or "host", host_memory=variant)
     return decoder(z), decoder.peak_stored_bytes
 
 
@@ -141,7 +141,8 @@ def decode(args: argparse.Namespace) -> dict:
         torch.cuda.reset_peak_memory_stats()
     cpu_start = cpu_seconds()
     start = time.perf_counter()
-    out, stored = run_variant(args.child, vae, z, args)
+    variant, _, storage = args.child.partition("@")  # "low@device": host_memory low, stored on the GPU
+    out, stored = run_variant(variant, vae, z, args, storage or None)
     if device.type == "cuda":
         torch.cuda.synchronize()
     seconds, cpu = time.perf_counter() - start, cpu_seconds() - cpu_start
@@ -179,6 +180,9 @@ def main() -> None:
     p.add_argument("--variants", default="untiled,old,fast,low",
                    help=f"comma list of {', '.join(VARIANTS)} (old needs --old-tiling)")
     p.add_argument("--old-tiling", help="an earlier text2ct_engine/tiling.py to time as the 'old' variant")
+    p.add_argument("--storage", default="host",
+                   help="comma list of host, device, auto: where fast/low keep their activations (a GPU matter: "
+                        "on a CPU all three are the CPU); rows other than host are named like low@device")
     p.add_argument("--out", default=None,
                    help="JSON path (default benchmarks/out/tiled_decode_<device>_slab<slab>.json)")
     p.add_argument("--count", action="store_true",
@@ -190,6 +194,9 @@ def main() -> None:
         print(json.dumps(decode(args)))
         return
     variants = [v for v in args.variants.split(",") if v != "old" or args.old_tiling]
+    storages = [st for st in args.storage.split(",") if st]
+    if set(storages) - {"host", "device", "auto"}:
+        p.error(f"--storage takes host, device and auto, got {args.storage!r}")
     if args.count:
         rows = count(args, variants)
         print(f"VAE decode of a 4x{'x'.join(map(str, args.latent))} latent, {args.dtype}, slab {args.slab}, "
@@ -198,8 +205,17 @@ def main() -> None:
         write_json(args.out or os.path.join(OUT, "tiled_decode_count.json"), "tiled_decode_count", "meta", rows,
                    command=" ".join(sys.argv), latent=args.latent, dtype=args.dtype, slab=args.slab)
         return
+    runs = [v if v in ("untiled", "old") or st == "host" else f"{v}@{st}"
+            for v in variants for st in (storages if v in ("fast", "low") else storages[:1])]
+    out_size = "x".join(str(4 * s) for s in args.latent)
+    json_path = args.out or os.path.join(OUT, f"tiled_decode_{torch.device(args.device).type}_slab{args.slab}.json")
+    meta = dict(command=" ".join(sys.argv), output=out_size, dtype=args.dtype, slab=args.slab, threads=args.threads)
     with tempfile.TemporaryDirectory() as folder:
-        rows = [run_child(v, args, folder) for v in variants]
+        rows = []
+        for v in runs:  # each variant's figures are on disk as soon as it has run
+            rows.append(run_child(v, args, folder))
+            write_json(json_path, "tiled_decode", args.device, [{k: r[k] for k in r if k != "save"} for r in rows],
+                       quiet=True, complete=False, **meta)
         ref = torch.load(rows[0]["save"]) if rows[0]["variant"] == "untiled" else None
         for row in rows:
             out = torch.load(row.pop("save"))
@@ -208,14 +224,11 @@ def main() -> None:
     for key in ("seconds", "cpu_seconds"):
         for row in rows:
             row[f"{key}_x"] = round(row[key] / rows[0][key], 2)
-    out_size = "x".join(str(4 * s) for s in args.latent)
     torch.set_num_threads(args.threads)
     print(f"VAE decode to {out_size}, {args.dtype}, slab {args.slab}, on {device_name(args.device)}")
     print_table(rows, ["variant", "seconds", "seconds_x", "cpu_seconds", "cpu_seconds_x", "peak_rss_mib",
                        "extra_rss_mib", "stored_mib", "device_peak_mib", "max_abs_diff", "ref_max_abs"])
-    out = args.out or os.path.join(OUT, f"tiled_decode_{torch.device(args.device).type}_slab{args.slab}.json")
-    write_json(out, "tiled_decode", args.device, rows, command=" ".join(sys.argv), output=out_size,
-               dtype=args.dtype, slab=args.slab, threads=args.threads)
+    write_json(json_path, "tiled_decode", args.device, rows, complete=True, **meta)
 
 
 if __name__ == "__main__":

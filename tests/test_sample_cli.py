@@ -62,16 +62,18 @@ def test_sample_writes_reproducible_nifti_and_preview(model_dir, tmp_path, capsy
 
 
 def test_tiled_decode_modes_give_the_untiled_volume(model_dir, tmp_path):
-    """--decode-slab / --decode-host-memory change memory and time, never the volume (int16 HU)."""
+    """--decode-slab / --decode-host-memory / --decode-storage change memory and time, never the volume."""
     args = ("--prompt", PROMPT, "--seed", "2", "--size", "16", "24", "8", "--steps", "2")
     volumes = {}
     for name, extra in {"untiled": ("--decode-slab", "0"),
                         "low": ("--decode-slab", "3", "--decode-host-memory", "low"),
-                        "fast": ("--decode-slab", "3", "--decode-host-memory", "fast")}.items():
+                        "fast": ("--decode-slab", "3", "--decode-host-memory", "fast"),
+                        "host": ("--decode-slab", "3", "--decode-storage", "host"),
+                        "device": ("--decode-slab", "3", "--decode-storage", "device")}.items():
         assert sample(model_dir, tmp_path / f"{name}.nii.gz", *args, *extra) == 0
         volumes[name] = np.asarray(nib.load(tmp_path / f"{name}.nii.gz").dataobj).astype(np.int32)
     assert volumes["untiled"].std() > 0
-    for name in ("low", "fast"):  # equal up to float rounding at an int16 rounding boundary
+    for name in ("low", "fast", "host", "device"):  # equal up to float rounding at an int16 rounding boundary
         assert np.abs(volumes[name] - volumes["untiled"]).max() <= 1, name
 
 

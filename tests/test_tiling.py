@@ -135,3 +135,70 @@ def test_tiled_decode_refuses_what_it_cannot_do_exactly():
         tiled_decode(vae, torch.randn(1, 4, 2, 2, 2), slab=0)
     with pytest.raises(ValueError, match="host_memory"):
         tiled_decode(random_vae(**TINY[0]), torch.randn(1, 4, 2, 2, 2), host_memory="tiny")
+
+
+# ------------------------------------------------------------------------------------------ storage policy
+def test_auto_storage_prefers_the_device_only_when_it_fits():
+    from text2ct_engine.tiling import FREE_MARGIN, fits_first
+    gpu, host = torch.device("cuda", 0), torch.device("cpu")
+    gib = 2 ** 30
+    # 512x512x128 bf16, low mode: 5 GiB stored + ~2.3 GiB slab working set
+    assert fits_first(int(7.3 * gib), 20 * gib, gpu, host) == [gpu, host]  # a 24 GB card
+    assert fits_first(int(7.3 * gib), int(7.5 * gib), gpu, host) == [host]  # an 8 GB card: stay on the host
+    assert fits_first(int(FREE_MARGIN * gib), gib, gpu, host) == [gpu, host]  # the margin's edge
+
+
+def test_out_of_memory_on_the_device_falls_back_to_the_host():
+    from text2ct_engine.tiling import first_that_fits
+    tried = []
+
+    def decode(storage):
+        tried.append(storage)
+        if storage == "gpu":
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+        return torch.ones(1)
+
+    assert first_that_fits(["gpu", "host"], decode).item() == 1.0 and tried == ["gpu", "host"]
+    with pytest.raises(torch.cuda.OutOfMemoryError):  # the last storage's error is the caller's
+        first_that_fits(["gpu"], decode)
+    tried.clear()
+
+    def broken(storage):
+        tried.append(storage)
+        raise ValueError("not a memory problem")
+    with pytest.raises(ValueError):  # other errors are not retried
+        first_that_fits(["gpu", "host"], broken)
+    assert tried == ["gpu"]
+
+
+def test_storage_argument_forms():
+    vae = random_vae(**TINY[0])
+    z = random_latent(3, (1, 4, 4, 4, 3))
+    ref = tiled_decode(vae, z, 2)
+    for storage in ("auto", "host", "device", "cpu", torch.device("cpu")):
+        decoder = SlabDecoder(vae, 2, storage=storage)
+        assert decoder.storage == torch.device("cpu")  # on a CPU every form means the CPU
+        torch.testing.assert_close(decoder(z), ref, rtol=0, atol=0)
+    decoder = SlabDecoder(vae, 2, storage="auto")
+    decoder.streamed = decoder.plan_streams((1, 4, 4, 4, 3))
+    assert decoder.storage_candidates((1, 4, 4, 4, 3)) == [torch.device("cpu")]  # nothing to choose on a CPU
+    with pytest.raises(ValueError, match="storage must be"):
+        SlabDecoder(vae, 2, storage="gpu-please")
+
+
+@pytest.mark.parametrize("host_memory,slab", [("low", 4), ("fast", 4), ("low", 2)])
+def test_device_need_covers_what_storing_on_the_device_holds(host_memory, slab):
+    """The "auto" storage estimate against the peak a tracker sees when the decoder stores on its compute
+    device (fake tensors on meta): never below it (or the device would run out), within 3x of it."""
+    with torch.device("meta"):
+        vae = AutoencoderKL(**TEXT2CT).eval()
+    tracker = MemoryTracker(block=1, timeline=False)
+    with FakeTensorMode(), tracker:
+        materialize(vae, "meta")
+        weights = sum(p.numel() * p.element_size() for p in vae.parameters())
+        decoder = SlabDecoder(vae, slab=slab, storage="device", host_memory=host_memory)
+        z = torch.zeros(1, 4, 16, 8, 6, device="meta")
+        decoder(z)
+        need = decoder.device_need(tuple(vae.post_quant_conv(z).shape))
+    held = tracker.peak["meta"] - weights
+    assert held <= need <= 3 * held, (held, need)

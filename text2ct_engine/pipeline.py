@@ -198,13 +198,15 @@ class Text2CTPipeline:
         return 32 if widest > 256 * 2**20 else None
 
     def decode_latents(self, latents: torch.Tensor, slab: int | None | str = "auto",
-                       host_memory: str = "low") -> torch.Tensor:
+                       host_memory: str = "low", storage: str = "auto") -> torch.Tensor:
         """Latents -> HU volumes (B, X, Y, Z), float32 on the CPU.
 
         ``slab``: rows per slab of the exact tiled decode (:mod:`text2ct_engine.tiling`), None for the plain
         decode, "auto" to tile only volumes whose full-resolution activations exceed 256 MiB.
         ``host_memory``: what the tiled decode keeps in host RAM, "low" (recompute the full-resolution
         level: 5 GiB at 512x512x128 in bf16) or "fast" (store every activation: 12 GiB, no recomputation).
+        ``storage``: where the tiled decode keeps them on a GPU: "host" (least GPU memory), "device", or
+        "auto" (the GPU when they fit in its free memory, which saves their trips across PCIe; else the host).
         """
         lo, hi = self.config.hu_window
         if slab == "auto":
@@ -212,7 +214,7 @@ class Text2CTPipeline:
         volumes = []
         for z in latents / self.config.scale_factor:  # one volume at a time: decoding dominates memory
             z = z[None].to(self.device, self.dtype)
-            image = self.vae.decode(z) if slab is None else tiled_decode(self.vae, z, slab, host_memory=host_memory)
+            image = self.vae.decode(z) if slab is None else tiled_decode(self.vae, z, slab, storage, host_memory)
             image = image[0, 0].float()
             volumes.append((image.clamp(0, 1) * (hi - lo) + lo).cpu())
         return torch.stack(volumes)
@@ -223,7 +225,8 @@ class Text2CTPipeline:
                  steps: int | None = None, guidance: float | None = None, seed: int | Sequence[int] = 0,
                  size: Sequence[int] | None = None, spacing: Sequence[float] | None = None,
                  allow_empty: bool = False, progress: Callable[[int, int], None] | None = None,
-                 decode_slab: int | None | str = "auto", decode_host_memory: str = "low") -> torch.Tensor:
+                 decode_slab: int | None | str = "auto", decode_host_memory: str = "low",
+                 decode_storage: str = "auto") -> torch.Tensor:
         """Sample HU volumes (B, X, Y, Z) for prompts (or a ready (B, 1, D) context).
 
         ``seed`` is one int (sample i gets seed + i) or one per sample; a sample's volume depends only on
@@ -245,4 +248,4 @@ class Text2CTPipeline:
         b = context.shape[0]
         seeds = [int(seed) + i for i in range(b)] if isinstance(seed, int) else [int(s) for s in seed]
         latents = self.sample_latents(context, size, spacing, steps, guidance, seeds, progress)
-        return self.decode_latents(latents, decode_slab, decode_host_memory)
+        return self.decode_latents(latents, decode_slab, decode_host_memory, decode_storage)

@@ -87,6 +87,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--decode-host-memory", choices=("low", "fast"), default="low",
                    help="tiled decode: low (default) recomputes the full-resolution level to keep ~3x less in "
                         "host RAM; fast stores every activation and runs each conv once")
+    p.add_argument("--decode-storage", choices=("auto", "host", "device"), default="auto",
+                   help="tiled decode on a GPU: keep the stored activations on the GPU when they fit its free "
+                        "memory (auto, default: no PCIe round trips), always in host RAM (host: least GPU "
+                        "memory), or on the GPU (device)")
     p.add_argument("--preview", help="also write a PNG montage of the mid-slices")
     p.add_argument("--unconditional", action="store_true", help="allow empty prompts (unconditional samples)")
     p.add_argument("--force", action="store_true", help="overwrite existing outputs")
@@ -143,7 +147,8 @@ def run(args: argparse.Namespace) -> None:
     for i, (prompt, (nii, png)) in enumerate(zip(prompts, outputs)):
         volume = pipe(prompt, steps=steps, guidance=args.guidance, seed=args.seed + i, size=size,
                       spacing=spacing, allow_empty=args.unconditional, decode_slab=slab,
-                      decode_host_memory=args.decode_host_memory, progress=(lambda *_: bar.update(1)) if bar is not None else None)[0]
+                      decode_host_memory=args.decode_host_memory, decode_storage=args.decode_storage,
+                      progress=(lambda *_: bar.update(1)) if bar is not None else None)[0]
         save_nifti(volume, spacing, nii, overwrite=args.force)
         if png:
             save_preview(volume, spacing, png, overwrite=args.force, window=tuple(pipe.config.hu_window))

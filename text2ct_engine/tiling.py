@@ -36,6 +36,13 @@ whose full-resolution level has C = 64 channels and is fed by 2C = 128 upsampled
   all of it would hold more bytes than the streamed decode holds at its peak (shape-only dry runs decide),
   so the lower-resolution levels, whose tensors are smaller, still run every conv once.
 
+Where the stored activations live (``storage``): the host by default when computing on a GPU, since that is
+what lets an 8 GB card decode 512x512x128. But every slab then crosses PCIe: 54 GiB per decode in ``low``
+mode at that size (counted in benchmarks/RESULTS.md), seconds at 12-25 GB/s, against 1-2 s of convs. With
+``storage="auto"`` the decoder stores on the compute device when the stored bytes (from the shape-only dry
+run) plus a slab's working set fit in its free memory, and on the host otherwise; if the device runs out
+of memory anyway, the decode is run again with host storage (same result: the storage only holds values).
+
 Attention blocks in the decoder (not in Text2CT's VAE) have no exact slab form and are refused.
 """
 from __future__ import annotations
@@ -53,6 +60,12 @@ from .models.layers import GroupNorm, MaisiConv
 from .models.vae import AutoencoderKL, ResBlock, Upsample
 
 HOST_MEMORY = ("low", "fast")
+STORAGE = ("auto", "host", "device")
+# A slab's working set on the compute device, in (slab + halo) rows of the widest *stored* activation. Counted
+# on fake tensors at 512x512x128 bf16: 5.7-6.1 such rows in "low" mode (whose widest tensors, the upsampled
+# ones, are recomputed rather than stored) and 1.9 in "fast"; 8 leaves room for both.
+WORKING_TENSORS = 8
+FREE_MARGIN = 0.9  # of the free device memory, for the allocator's rounding and fragmentation
 CARRY = 2  # rows below a slab that a ResBlock still reads of the input it overwrites (its two 3x3x3 convs)
 Stats = tuple[torch.Tensor, torch.Tensor]  # per-(sample, group) mean and 1/std
 Affine = tuple[torch.Tensor, torch.Tensor]  # per-(sample, channel) scale and shift, (N, C, 1, 1, 1) each
@@ -246,8 +259,10 @@ class Ledger:
     live: int = 0
     peak: int = 0
     level_peaks: list[int] = field(default_factory=list)
+    widest_row: int = 0  # bytes of one row (along the slab axis) of the widest stored activation
 
     def hold(self, owner: Stored, nbytes: int) -> None:
+        self.widest_row = max(self.widest_row, nbytes // max(owner.length, 1))
         self.live += nbytes
         self.peak = max(self.peak, self.live)
         if self.level_peaks:
@@ -284,10 +299,19 @@ class SlabDecoder:
         if host_memory not in HOST_MEMORY:
             raise ValueError(f"host_memory must be one of {', '.join(HOST_MEMORY)}, got {host_memory!r}")
         self.vae, self.slab, self.host_memory = vae, int(slab), host_memory
+        if isinstance(storage, str) and storage not in STORAGE:
+            try:
+                storage = torch.device(storage)
+            except RuntimeError:
+                raise ValueError(f"storage must be a device or one of {', '.join(STORAGE)}, got {storage!r}") from None
         self.compute = next(vae.parameters()).device
-        if storage is None:
-            storage = "cpu" if self.compute.type == "cuda" else self.compute
-        self.storage = torch.device(storage)
+        self.host = torch.device("cpu") if self.compute.type == "cuda" else self.compute
+        if storage is None or storage == "host":
+            storage = self.host
+        elif storage == "device":
+            storage = self.compute
+        self.auto_storage = storage == "auto"
+        self.storage = self.host if self.auto_storage else torch.device(storage)
         for block in vae.decoder.blocks:
             if not isinstance(block, (MaisiConv, ResBlock, Upsample, GroupNorm)):
                 raise ValueError(f"tiled decoding has no exact form for {type(block).__name__} blocks: "
@@ -401,17 +425,57 @@ class SlabDecoder:
         self.walk(None, shape, [False] * n, dry=True)
         return [peak > budget for peak in self.ledger.level_peaks]
 
+    def device_need(self, shape: Sequence[int]) -> int:
+        """Bytes the compute device would hold storing there: the stored activations at their peak (a dry
+        run of the planned streams) plus a slab's working set (WORKING_TENSORS of the widest rows)."""
+        self.walk(None, shape, self.streamed, dry=True)
+        return self.ledger.peak + WORKING_TENSORS * (self.slab + 2 * CARRY) * self.ledger.widest_row
+
+    def storage_candidates(self, shape: Sequence[int]) -> list[torch.device]:
+        """Where to store, in the order to try: the compute device first when ``storage="auto"`` and the
+        dry run's stored bytes plus a slab's working set fit its free memory; the host always last."""
+        if not self.auto_storage or self.compute.type != "cuda":
+            return [self.storage]
+        need = self.device_need(shape)
+        free, _ = torch.cuda.mem_get_info(self.compute)
+        free += torch.cuda.memory_reserved(self.compute) - torch.cuda.memory_allocated(self.compute)
+        return fits_first(need, free, self.compute, self.host)
+
     @torch.no_grad()
     def __call__(self, z: torch.Tensor) -> torch.Tensor:
         latent = self.vae.post_quant_conv(z.to(self.compute))
         self.dtype, shape = latent.dtype, tuple(latent.shape)
         self.streamed = self.plan_streams(shape)
-        out = self.walk(latent.to(self.storage), shape, self.streamed)
+
+        def decode(storage: torch.device) -> torch.Tensor:
+            self.storage = storage
+            return self.walk(latent.to(storage), shape, self.streamed).tensor
+        out = first_that_fits(self.storage_candidates(shape), decode)
         self.peak_stored_bytes = self.ledger.peak
-        return out.tensor
+        return out
+
+
+def fits_first(need: int, free: int, device: torch.device, host: torch.device) -> list[torch.device]:
+    """[device, host] when ``need`` bytes fit in FREE_MARGIN of ``free``, else [host]."""
+    return [device, host] if need <= FREE_MARGIN * free else [host]
+
+
+def first_that_fits(storages: Sequence[torch.device], decode) -> torch.Tensor:
+    """``decode(storage)`` for the first storage that does not run out of memory (the last one's error
+    propagates). The retry starts outside the ``except`` block, so the failed attempt's tensors are free."""
+    for i, storage in enumerate(storages):
+        try:
+            return decode(storage)
+        except torch.cuda.OutOfMemoryError:
+            if i == len(storages) - 1:
+                raise
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    raise ValueError("no storage to decode with")
 
 
 def tiled_decode(vae: AutoencoderKL, z: torch.Tensor, slab: int = 32, storage: torch.device | str | None = None,
                  host_memory: str = "low") -> torch.Tensor:
-    """``vae.decode(z)`` computed exactly in slabs of ``slab`` rows (see :class:`SlabDecoder`)."""
+    """``vae.decode(z)`` computed exactly in slabs of ``slab`` rows (see :class:`SlabDecoder`). ``storage``:
+    a device, "host" (the default: the CPU when computing on CUDA), "device" or "auto"."""
     return SlabDecoder(vae, slab, storage, host_memory)(z)
