@@ -32,6 +32,7 @@ def phases(slab: int) -> list[tuple[str, object]]:
     return [("sample", sampling_step),
             ("decode_tiled", partial(decode_step, slab=slab, host_memory="low")),
             ("decode_tiled_fast", partial(decode_step, slab=slab, host_memory="fast")),
+            ("decode_tiled_device", partial(decode_step, slab=slab, on_device=True)),
             ("decode_untiled", decode_step),
             ("train", partial(training_step, checkpointing=False)),
             ("train_ckpt", partial(training_step, checkpointing=True))]
@@ -61,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="default 512 512 128 on CUDA, 64 64 32 on CPU")
     p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default bf16 on CUDA, fp32 on CPU")
     p.add_argument("--slab", type=int, default=32)
-    p.add_argument("--only", default=None, help="comma list of phases (sample, decode_tiled, decode_tiled_fast, "
+    p.add_argument("--only", default=None, help="comma list of phases (sample, decode_tiled, decode_tiled_fast, decode_tiled_device, "
                                                  "decode_untiled, train, train_ckpt)")
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)

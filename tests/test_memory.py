@@ -52,6 +52,8 @@ def planned():
         "decode_tiled": run_phase("decode_tiled", "tiled", partial(decode_step, slab=4), decode),
         "decode_tiled_fast": run_phase("decode_tiled_fast", "tiled fast",
                                        partial(decode_step, slab=4, host_memory="fast"), decode),
+        "decode_tiled_device": run_phase("decode_tiled_device", "tiled on the device",
+                                         partial(decode_step, slab=4, on_device=True), decode),
     }
 
 
@@ -75,6 +77,13 @@ def test_tiled_decode_lowers_the_device_peak(planned):
     # this VAE's last level has C = 8 channels fed by 8 upsampled ones (not 2C as in Text2CT): fast holds
     # the upsampled tensor and one C-channel tensor (2 units), low the half-resolution input and one (1 + 1/8)
     assert low.host_bytes < 0.6 * fast.host_bytes
+
+
+def test_tiled_decode_on_the_device_keeps_its_activations_there(planned):
+    low, dev = planned["decode_tiled"], planned["decode_tiled_device"]
+    volume = 64 * 64 * 32 * 4  # the fp32 HU volume: the host holds it and its stacked copy, nothing else
+    assert dev.host_bytes <= 2 * volume < low.host_bytes
+    assert low.device_bytes < dev.device_bytes <= low.device_bytes + low.host_bytes
 
 
 def test_tracker_counts_each_storage_once_until_freed():
@@ -112,7 +121,8 @@ def test_cli_prints_the_table_and_writes_json(tmp_path, capsys):
     assert rc == 0
     assert "device peak GiB" in text and "not measured on a GPU" in text and "tiled decode" in text
     plan = json.loads(out.read_text())
-    assert [p["key"] for p in plan["phases"]] == ["sample", "decode_untiled", "decode_tiled", "decode_tiled_fast"]
+    assert [p["key"] for p in plan["phases"]] == ["sample", "decode_untiled", "decode_tiled", "decode_tiled_fast",
+                                                  "decode_tiled_device"]
     assert plan["latent"] == [4, 8, 8, 4] and "fake tensors" in plan["plan"]
     assert all(p["device_bytes"] > 0 for p in plan["phases"])
 

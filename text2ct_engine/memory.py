@@ -354,10 +354,11 @@ def sampling_step(s: Setup, unet: DiffusionUNet, vae: AutoencoderKL) -> None:
 
 
 def decode_step(s: Setup, unet: DiffusionUNet, vae: AutoencoderKL, slab: int | None = None,
-                host_memory: str = "low") -> None:
+                host_memory: str = "low", on_device: bool = False) -> None:
     """Latents -> HU volumes as ``Text2CTPipeline.decode_latents`` does, with UNet and VAE weights resident;
-    ``slab`` None for the plain decode, else the exact tiled decode storing activations on the host in its
-    ``host_memory`` mode (``low``: recompute the full-resolution level, ``fast``: store every activation)."""
+    ``slab`` None for the plain decode, else the exact tiled decode storing activations on the host (or on
+    the device, ``on_device``: what ``storage="auto"`` picks where they fit) in its ``host_memory`` mode
+    (``low``: recompute the full-resolution level, ``fast``: store every activation)."""
     materialize(unet.eval(), s.device, s.dtype)
     materialize(vae.eval(), s.device, s.dtype)
     config = s.pipeline(unet, vae).config
@@ -367,7 +368,8 @@ def decode_step(s: Setup, unet: DiffusionUNet, vae: AutoencoderKL, slab: int | N
         volumes = []
         for z in latents / config.scale_factor:
             z = z[None].to(s.device, s.dtype)
-            image = vae.decode(z) if slab is None else tiled_decode(vae, z, slab, s.host, host_memory)
+            image = vae.decode(z) if slab is None else \
+                tiled_decode(vae, z, slab, s.device if on_device else s.host, host_memory)
             image = image[0, 0].float()
             volumes.append((image.clamp(0, 1) * (hi - lo) + lo).to(s.host))
         torch.stack(volumes)
@@ -425,7 +427,7 @@ def training_step(s: Setup, unet: DiffusionUNet, vae: AutoencoderKL, checkpointi
 @dataclass
 class PhasePlan:
     """One planned phase: device and host peaks (bytes), where the device peak happened, notes."""
-    key: str  # sample | decode_untiled | decode_tiled | decode_tiled_fast | train | train_ckpt
+    key: str  # sample | decode_untiled | decode_tiled | decode_tiled_fast | decode_tiled_device | train | train_ckpt
     phase: str
     device_bytes: int
     host_bytes: int
@@ -503,6 +505,9 @@ def plan(s: Setup, what: str = "all", backend: str = "triton") -> list[PhasePlan
             rows.append(run_phase(key, f"decode: VAE, exact tiled, slab {s.slab}, host_memory={mode}",
                                   partial(decode_step, slab=s.slab, host_memory=mode), s,
                                   f"{resident}; activations on the host", backend))
+        rows.append(run_phase("decode_tiled_device", f"decode: VAE, exact tiled, slab {s.slab}, activations on "
+                              "the device", partial(decode_step, slab=s.slab, on_device=True), s,
+                              f"{resident}; what storage=auto picks where it fits", backend))
     if what in ("train", "all"):
         n = sum(_prod(p.shape) for p in unet.parameters())
         compute = "" if s.dtype == torch.float32 else f", {_name(s.dtype)} compute"
@@ -542,7 +547,7 @@ def summary(rows: Sequence[PhasePlan]) -> list[str]:
     out = []
     if "sample" in by:
         for key, kind in (("tiled", "tiled (host_memory=low)"), ("tiled_fast", "tiled (host_memory=fast)"),
-                          ("untiled", "untiled")):
+                          ("tiled_device", "tiled (activations on the device)"), ("untiled", "untiled")):
             d = by[f"decode_{key}"]
             peak = max(by["sample"].device_gib, d.device_gib)
             out.append(f"sampling with the {kind} decode: {peak:.2f} GiB device, {d.host_gib:.2f} GiB host")
