@@ -165,10 +165,18 @@ def test_out_of_memory_on_the_device_falls_back_to_the_host():
 
     def broken(storage):
         tried.append(storage)
-        raise ValueError("not a memory problem")
-    with pytest.raises(ValueError):  # other errors are not retried
+        raise RuntimeError("shape mismatch: not a memory problem")
+    with pytest.raises(RuntimeError):  # other errors are not retried
         first_that_fits(["gpu", "host"], broken)
     assert tried == ["gpu"]
+    tried.clear()
+
+    def cudnn(storage):
+        tried.append(storage)
+        if storage == "gpu":
+            raise RuntimeError("cuDNN error: CUDNN_STATUS_ALLOC_FAILED")
+        return torch.zeros(1)
+    assert first_that_fits(["gpu", "host"], cudnn).item() == 0.0 and tried == ["gpu", "host"]
 
 
 def test_storage_argument_forms():

@@ -466,12 +466,19 @@ def first_that_fits(storages: Sequence[torch.device], decode) -> torch.Tensor:
     for i, storage in enumerate(storages):
         try:
             return decode(storage)
-        except torch.cuda.OutOfMemoryError:
-            if i == len(storages) - 1:
+        except RuntimeError as err:  # torch.cuda.OutOfMemoryError is one
+            if i == len(storages) - 1 or not out_of_memory(err):
                 raise
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
     raise ValueError("no storage to decode with")
+
+
+def out_of_memory(err: BaseException) -> bool:
+    """An allocation failure on the device: torch's own error, or cuDNN's/cuBLAS's when their workspace
+    could not be allocated."""
+    text = str(err)
+    return isinstance(err, torch.cuda.OutOfMemoryError) or "out of memory" in text or "ALLOC_FAILED" in text
 
 
 def tiled_decode(vae: AutoencoderKL, z: torch.Tensor, slab: int = 32, storage: torch.device | str | None = None,
