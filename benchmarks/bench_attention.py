@@ -4,6 +4,8 @@ The UNet (num_channels [64,128,256,512], head size 32) attends at levels 3 and 4
   latent 4x128x128x32 : level 3 = 256 ch, 8 heads, 32x32x8 = 8192 tokens; level 4 = 512 ch, 16 heads, 1024
   latent 4x128x128x128: level 3 = 32768 tokens;                            level 4 = 4096 tokens
 Self-attention (Nk = Nq) and cross-attention to the text context (1 pooled token, or 512 per-token).
+``triton`` computes dQ in its own kernel (deterministic), ``triton-atomic`` inside the dK/dV kernel with fp32
+atomic adds (``kernels.attention.DQ_MODE``): both are timed, to choose the default from measurements.
 Forward and forward+backward; median time, TFLOP/s (4 B H Nq Nk D forward, x3.5 with backward), peak
 CUDA memory above the inputs, max |error| of the forward against SDPA's math backend in fp32.
 
@@ -16,6 +18,7 @@ on the smallest shapes (--interp-max-rows); that checks the plumbing and accurac
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 import time
@@ -25,6 +28,8 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import JsonRecord, peak_memory_mb, print_table, time_fn  # noqa: E402
+
+from text2ct_engine.kernels import attention as attention_kernels  # noqa: E402
 
 HEAD_DIM = 32
 # (level, heads, tokens at 128x128x32, tokens at 128x128x128)
@@ -70,7 +75,9 @@ def backends(device: torch.device) -> dict:
                 return F.scaled_dot_product_attention(q, k, v)
         return run
 
-    table = {"triton": (attention_triton, False), "sdpa-math": (sdpa(SDPBackend.MATH), True),
+    table = {"triton": (attention_triton, False),
+             "triton-atomic": (attention_triton, False),  # its backward runs under dq_mode("atomic")
+             "sdpa-math": (sdpa(SDPBackend.MATH), True),
              "sdpa-flash": (sdpa(SDPBackend.FLASH_ATTENTION), False)}
     if device.type == "cuda":
         table["sdpa-efficient"] = (sdpa(SDPBackend.EFFICIENT_ATTENTION), False)
@@ -79,6 +86,17 @@ def backends(device: torch.device) -> dict:
             table["xformers"] = (attention_xformers, False)
     table["naive"] = (naive, True)
     return table
+
+
+@contextlib.contextmanager
+def dq_mode(backend: str):
+    """The Triton backward's dQ mode for the rows of ``backend``: atomic adds for ``triton-atomic``."""
+    saved = attention_kernels.DQ_MODE
+    attention_kernels.DQ_MODE = "atomic" if backend == "triton-atomic" else saved
+    try:
+        yield
+    finally:
+        attention_kernels.DQ_MODE = saved
 
 
 def score_gib(s: dict, elem: int) -> float:
@@ -155,7 +173,7 @@ def main(argv: list[str] | None = None) -> None:
                     record.add(row)
                     continue
                 runs = (warmup, reps)
-                if name == "triton" and on_cpu:
+                if name.startswith("triton") and on_cpu:
                     if s["B"] * s["H"] * s["Nq"] > args.interp_max_rows:
                         row["note"] = "skipped: interpreter too slow at this size"
                         record.add(row)
@@ -164,7 +182,10 @@ def main(argv: list[str] | None = None) -> None:
                     runs = (0, 1)
                 if backward:
                     qg, kg, vg = (t.detach().requires_grad_() for t in (q, k, v))
-                    call = lambda: torch.autograd.grad(fn(qg, kg, vg), (qg, kg, vg), g)  # noqa: E731
+
+                    def call(fn=fn, name=name, qg=qg, kg=kg, vg=vg):
+                        with dq_mode(name):  # the backward runs inside autograd.grad
+                            return torch.autograd.grad(fn(qg, kg, vg), (qg, kg, vg), g)
                 else:
                     call = lambda: fn(q, k, v)  # noqa: E731
                 try:
@@ -191,15 +212,17 @@ def main(argv: list[str] | None = None) -> None:
     # Triton against the best SDPA backend per (case, mode): the GPU goal is >= 1.0x for fwd+bwd at 8k-32k.
     summary = []
     for key in sorted({(r["case"], r["mode"]) for r in rows}):
-        mine = [r for r in rows if (r["case"], r["mode"]) == key and r["backend"] == "triton" and r["ms"]]
         sdpa = [r for r in rows if (r["case"], r["mode"]) == key and r["backend"].startswith("sdpa") and r["ms"]]
-        if mine and sdpa:
-            best = min(sdpa, key=lambda r: r["ms"])
-            summary.append(dict(case=key[0], mode=key[1], triton_ms=mine[0]["ms"], best_sdpa=best["backend"],
-                                best_sdpa_ms=best["ms"], speedup=best["ms"] / mine[0]["ms"]))
+        for impl in ("triton", "triton-atomic"):
+            mine = [r for r in rows if (r["case"], r["mode"]) == key and r["backend"] == impl and r["ms"]]
+            if mine and sdpa:
+                best = min(sdpa, key=lambda r: r["ms"])
+                summary.append(dict(case=key[0], mode=key[1], impl=impl, triton_ms=mine[0]["ms"],
+                                    best_sdpa=best["backend"], best_sdpa_ms=best["ms"],
+                                    speedup=best["ms"] / mine[0]["ms"]))
     if summary:
         print()
-        print_table(summary, ["case", "mode", "triton_ms", "best_sdpa", "best_sdpa_ms", "speedup"])
+        print_table(summary, ["case", "mode", "impl", "triton_ms", "best_sdpa", "best_sdpa_ms", "speedup"])
     elapsed = time.perf_counter() - t_start
     print(f"\n{len(rows)} rows in {elapsed:.0f} s")
     record.finish(summary=summary, seconds=round(elapsed, 1))

@@ -181,7 +181,7 @@ def _attn_bwd_delta_kernel(O, DO, Delta,
 
 
 @triton.jit
-def _attn_bwd_dkdv_kernel(Q, K, V, Mask, DO, LSE, Delta, DK, DV,
+def _attn_bwd_dkdv_kernel(Q, K, V, Mask, DO, LSE, Delta, DK, DV, DQ,
                           stride_qb, stride_qh, stride_qm, stride_qd,
                           stride_kb, stride_kh, stride_kn, stride_kd,
                           stride_vb, stride_vh, stride_vn, stride_vd,
@@ -191,11 +191,17 @@ def _attn_bwd_dkdv_kernel(Q, K, V, Mask, DO, LSE, Delta, DK, DV,
                           stride_dvs, stride_dvb, stride_dvh, stride_dvn, stride_dvd,
                           H, Nq, Nk, qk_scale, sm_scale, q_per_split, nq_bucket, nk_bucket,
                           HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                          HAS_MASK: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr):
+                          HAS_MASK: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
+                          ATOMIC_DQ: tl.constexpr = False):
     """Grid (cdiv(Nk, BLOCK_N), B * H, Q_SPLITS): dK, dV of BLOCK_N keys over one range of queries.
 
     Works on transposed tiles (keys along rows) so that P^T and dS^T come straight out of the dots.
     K and V are read once; Q, dO, LSE and Delta once per key block: ~(2 + 2 * Nk/BLOCK_N) * N * D reads.
+
+    ``ATOMIC_DQ``: also add this key block's share dS K of dQ into the contiguous fp32 (B, H, Nq, D)
+    buffer DQ with atomic adds (FlashAttention-2's backward), so the dQ kernel and its second computation
+    of S, P and dP (one exp2 per score, the limit at head size 32) are skipped, at the price of
+    Nk / BLOCK_N atomic adds per dQ element and a summation order that varies from run to run.
     """
     pid_n = tl.program_id(0)
     pid_bh = tl.program_id(1).to(tl.int64)
@@ -240,6 +246,11 @@ def _attn_bwd_dkdv_kernel(Q, K, V, Mask, DO, LSE, Delta, DK, DV,
         dp_t = tl.dot(v, tl.trans(do), input_precision=PRECISION)
         ds_t = p_t * (dp_t - delta[None, :])
         dk = tl.dot(ds_t.to(DOT_DTYPE), q, dk, input_precision=PRECISION)
+        if ATOMIC_DQ:  # masked and missing keys add nothing to dQ (their P entries are not zero here)
+            ds_keys = tl.where(key_ok[:, None], ds_t, 0.0).to(DOT_DTYPE)
+            dq_part = tl.dot(tl.trans(ds_keys), k, input_precision=PRECISION) * sm_scale
+            dq_ptrs = DQ + pid_bh * Nq * HEAD_DIM + offs_m[:, None] * HEAD_DIM + offs_d[None, :]
+            tl.atomic_add(dq_ptrs, dq_part, mask=row_ok[:, None])
     # Key masking is row-local here (row j of dK/dV only depends on P[:, j]), so masked and
     # out-of-range keys are zeroed once at the end instead of masking every tile.
     dk = tl.where(key_ok[:, None], dk * sm_scale, 0.0)
@@ -359,6 +370,9 @@ def _tuned(name: str):
         return triton.autotune(_fwd_configs(), key=_KEY, prune_configs_by=prune)(_attn_fwd_kernel)
     if name == "dkdv":
         return triton.autotune(_bwd_configs(), key=_KEY, prune_configs_by=prune)(_attn_bwd_dkdv_kernel)
+    if name == "dkdv_atomic":  # every trial run adds into DQ: the tuner zeroes it before each
+        return triton.autotune(_bwd_configs(), key=_KEY, prune_configs_by=prune,
+                               reset_to_zero=["DQ"])(_attn_bwd_dkdv_kernel)
     if name == "dq":
         return triton.autotune(_bwd_configs(), key=_KEY, prune_configs_by=prune)(_attn_bwd_dq_kernel)
     raise KeyError(name)
@@ -469,18 +483,28 @@ def default_q_splits(B: int, H: int, Nq: int, Nk: int, device: torch.device) -> 
     return max(1, min(want, Nq // 512))
 
 
+# How the backward computes dQ: "separate" (its own kernel, deterministic) or "atomic" (inside the dK/dV
+# kernel with fp32 atomic adds, one computation of P fewer). Read at each call; the benchmark times both.
+DQ_MODES = ("separate", "atomic")
+DQ_MODE = "separate"
+
+
 def attention_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                        out: torch.Tensor, lse: torch.Tensor,
                        key_padding_mask: torch.Tensor | None = None, *,
                        dq: torch.Tensor | None = None, dk: torch.Tensor | None = None,
                        dv: torch.Tensor | None = None, block_m: int | None = None,
-                       block_n: int | None = None, q_splits: int | None = None
+                       block_n: int | None = None, q_splits: int | None = None, dq_mode: str | None = None
                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients (dQ, dK, dV) of ``attention_forward`` given dO, from the saved output and LSE.
 
     ``dq``/``dk``/``dv`` may be preallocated (fully written). ``q_splits`` > 1 splits each key block's
     query sweep over that many programs (fp32 partials, summed afterwards); default: a heuristic.
+    ``dq_mode``: one of DQ_MODES, default the module's DQ_MODE.
     """
+    dq_mode = dq_mode or DQ_MODE
+    if dq_mode not in DQ_MODES:
+        raise ValueError(f"attention_backward: dq_mode must be one of {DQ_MODES}, got {dq_mode!r}")
     check_inputs(q, k, v, key_padding_mask)
     B, H, Nq, D = q.shape
     Nk = k.shape[2]
@@ -497,6 +521,8 @@ def attention_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
         dk.zero_()
         dv.zero_()
         return dq, dk, dv
+    atomic = dq_mode == "atomic" and Nk > 0
+    dq32 = torch.zeros((B, H, Nq, D), dtype=torch.float32, device=q.device) if atomic else dq
 
     mask, smb, smn = _mask_args(key_padding_mask, q)
     dot_dtype, precision = _dot_setup(q.dtype)
@@ -524,18 +550,21 @@ def attention_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
             dk_t = torch.empty((splits, B, H, Nk, D), dtype=torch.float32, device=q.device)
             dv_t = torch.empty_like(dk_t)
             dks, dvs = dk_t.stride(), dv_t.stride()
-        args = (q, k, v, mask, grad_out, lse, delta, dk_t, dv_t, *q.stride(), *k.stride(), *v.stride(),
+        args = (q, k, v, mask, grad_out, lse, delta, dk_t, dv_t, dq32, *q.stride(), *k.stride(), *v.stride(),
                 smb, smn, *grad_out.stride(), *dks, *dvs, H, Nq, Nk, qk_scale, sm_scale, q_per_split, nqb, nkb)
         if blocks is None:
             grid = lambda meta: (triton.cdiv(Nk, meta["BLOCK_N"]), B * H, splits)  # noqa: E731
-            _tuned("dkdv")[grid](*args, **consts)
+            _tuned("dkdv_atomic" if atomic else "dkdv")[grid](*args, **consts, ATOMIC_DQ=atomic)
         else:
             bm, bn = blocks
             _attn_bwd_dkdv_kernel[(triton.cdiv(Nk, bn), B * H, splits)](*args, BLOCK_M=bm, BLOCK_N=bn, **consts,
-                                                                        num_warps=4)
+                                                                        ATOMIC_DQ=atomic, num_warps=4)
         if splits > 1:
             dk.copy_(dk_t.sum(0))
             dv.copy_(dv_t.sum(0))
+    if atomic:
+        dq.copy_(dq32)
+        return dq, dk, dv
 
     # dQ.
     args = (q, k, v, mask, grad_out, lse, delta, dq, *q.stride(), *k.stride(), *v.stride(), smb, smn,

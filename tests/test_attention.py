@@ -87,15 +87,16 @@ def test_forward_matches_float64(case):
 
 
 @pytest.mark.kernel
+@pytest.mark.parametrize("dq_mode", ["separate", "atomic"])
 @pytest.mark.parametrize("case", CASES, ids=IDS)
-def test_backward_matches_float64_autograd(case):
+def test_backward_matches_float64_autograd(case, dq_mode):
     B, H, Nq, Nk, D, dtype, mask_kind, splits = case
     q, k, v, mask = make(B, H, Nq, Nk, D, dtype, mask_kind)
     out, lse = attention_forward(q, k, v, mask, block_m=16, block_n=16)
     grad_out = torch.randn(B, H, Nq, D).to(dtype).to(DEVICE)
     dq, dk, dv = (nan_like(t.shape, dtype) for t in (q, k, v))
     dq, dk, dv = attention_backward(grad_out, q, k, v, out, lse, mask, dq=dq, dk=dk, dv=dv,
-                                    block_m=16, block_n=16, q_splits=splits)
+                                    block_m=16, block_n=16, q_splits=splits, dq_mode=dq_mode)
     q64, k64, v64 = (t.double().requires_grad_() for t in (q, k, v))
     reference(q64, k64, v64, mask)[0].backward(grad_out.double())
     for got, want in ((dq, q64.grad), (dk, k64.grad), (dv, v64.grad)):
@@ -108,14 +109,18 @@ def test_backward_matches_float64_autograd(case):
 
 
 @pytest.mark.kernel
-def test_query_splits_agree():
-    q, k, v, mask = make(2, 1, 100, 20, 32, torch.float32, "random")
-    out, lse = attention_forward(q, k, v, mask, block_m=16, block_n=32)
+def test_query_splits_and_dq_modes_agree():
+    q, k, v, mask = make(2, 1, 100, 40, 32, torch.float32, "random")
+    out, lse = attention_forward(q, k, v, mask, block_m=16, block_n=16)
     g = torch.randn_like(q)
-    one = attention_backward(g, q, k, v, out, lse, mask, block_m=16, block_n=32, q_splits=1)
-    many = attention_backward(g, q, k, v, out, lse, mask, block_m=16, block_n=32, q_splits=5)
-    for a, b in zip(one, many):
-        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    one = attention_backward(g, q, k, v, out, lse, mask, block_m=16, block_n=16, q_splits=1)
+    for splits, mode in ((5, "separate"), (1, "atomic"), (5, "atomic")):  # atomic: 3 key blocks add into dQ
+        other = attention_backward(g, q, k, v, out, lse, mask, block_m=16, block_n=16, q_splits=splits,
+                                   dq_mode=mode)
+        for a, b in zip(one, other):
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="dq_mode"):
+        attention_backward(g, q, k, v, out, lse, mask, dq_mode="fast")
 
 
 @pytest.mark.kernel
@@ -159,13 +164,15 @@ def test_long_key_sequence():
 @pytest.mark.skipif(not ON_GPU, reason="8k tokens: too slow for the interpreter")
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("Nq,Nk,mask_kind", [(8191, 8191, None), (8192, 77, "one_empty")])
-def test_autotuned_kernels_at_unet_sizes(dtype, Nq, Nk, mask_kind):
-    """The autotuned GPU configs at the UNet's self-attention (8k latent tokens) and cross-attention sizes."""
+@pytest.mark.parametrize("dq_mode", ["separate", "atomic"])
+def test_autotuned_kernels_at_unet_sizes(dtype, Nq, Nk, mask_kind, dq_mode):
+    """The autotuned GPU configs at the UNet's self-attention (8k latent tokens) and cross-attention sizes
+    (with atomic dQ, the tuner's trial runs must not leave their sums behind)."""
     q, k, v, mask = make(2, 2, Nq, Nk, 32, dtype, mask_kind)
     out, lse = attention_forward(q, k, v, mask, out=nan_like(q.shape, dtype), lse=nan_like(q.shape[:3], torch.float32))
     grad_out = torch.randn_like(q)
     dq, dk, dv = attention_backward(grad_out, q, k, v, out, lse, mask, dq=nan_like(q.shape, dtype),
-                                    dk=nan_like(k.shape, dtype), dv=nan_like(v.shape, dtype))
+                                    dk=nan_like(k.shape, dtype), dv=nan_like(v.shape, dtype), dq_mode=dq_mode)
     q64, k64, v64 = (t.double().requires_grad_() for t in (q, k, v))
     ref, _ = reference(q64, k64, v64, mask)
     ref.backward(grad_out.double())

@@ -244,16 +244,16 @@ def attention_cases(quick: bool) -> list[tuple[str, Callable[[], None]]]:
 
     from .kernels import attention as at
 
-    def case(b, h, nq, nk, d, dtype, mask=False, backward=True):
+    def case(b, h, nq, nk, d, dtype, mask=False, backward=True, dq_mode="separate"):
         def run():
             q = _meta(b, h, nq, d, dtype=dtype)
             k = _meta(b, h, nk, d, dtype=dtype)
             m = torch.empty((b, nk), device="meta", dtype=torch.bool) if mask else None
             o, lse = at.attention_forward(q, k, k, m)
             if backward:
-                at.attention_backward(torch.empty_like(o), q, k, k, o, lse, m)
+                at.attention_backward(torch.empty_like(o), q, k, k, o, lse, m, dq_mode=dq_mode)
         name = f"attention B{b} H{h} Nq{nq} Nk{nk} D{d} {str(dtype)[6:]}{' mask' if mask else ''}"
-        return name, run
+        return name + (f" dq={dq_mode}" if dq_mode != "separate" else ""), run
 
     bf16, fp16, fp32 = torch.bfloat16, torch.float16, torch.float32
     if quick:
@@ -263,6 +263,8 @@ def attention_cases(quick: bool) -> list[tuple[str, Callable[[], None]]]:
              case(2, 8, 8192, 512, 32, bf16, mask=True), case(2, 8, 8192, 8192, 32, fp16),
              case(2, 8, 8192, 8192, 32, fp32)]
     cases += [case(2, 4, 4096, 4096, d, bf16) for d in (16, 64, 128)]
+    cases += [case(2, 8, 8192, 8192, 32, bf16, dq_mode="atomic"), case(2, 8, 8192, 512, 32, bf16, mask=True,
+                                                                        dq_mode="atomic")]
     return cases
 
 
