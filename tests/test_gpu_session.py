@@ -110,7 +110,7 @@ def test_refuses_unknown_stage_and_cpu_without_smoke(capsys):
         assert "no CUDA device" in err and len(err.splitlines()) == 1
 
 
-@pytest.mark.skipif(os.environ.get("TEXT2CT_SLOW_TESTS") != "1", reason="~40 s: TEXT2CT_SLOW_TESTS=1")
+@pytest.mark.skipif(os.environ.get("TEXT2CT_SLOW_TESTS") != "1", reason="~90 s: TEXT2CT_SLOW_TESTS=1")
 def test_smoke_session_runs_every_stage(tmp_path):
     assert gs.main(["--smoke", "--out", str(tmp_path)]) == 0
     session = json.loads((tmp_path / "session.json").read_text())
