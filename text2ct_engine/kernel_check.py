@@ -257,7 +257,8 @@ def attention_cases(quick: bool) -> list[tuple[str, Callable[[], None]]]:
 
     bf16, fp16, fp32 = torch.bfloat16, torch.float16, torch.float32
     if quick:
-        return [case(2, 8, 8192, 8192, 32, bf16), case(2, 8, 8192, 77, 32, fp16, mask=True)]
+        return [case(2, 8, 8192, 8192, 32, bf16), case(2, 8, 8192, 77, 32, fp16, mask=True),
+                case(2, 8, 8192, 512, 32, bf16, mask=True, dq_mode="atomic")]
     cases = [case(2, 8, 8192, 8192, 32, bf16), case(2, 16, 2048, 2048, 32, bf16),
              case(2, 8, 32768, 32768, 32, bf16), case(2, 8, 8192, 1, 32, bf16),
              case(2, 8, 8192, 512, 32, bf16, mask=True), case(2, 8, 8192, 8192, 32, fp16),
