@@ -118,39 +118,44 @@ RESERVE_S = 15  # kept back for stopping a stage and writing the files
 # ------------------------------------------------------------------------------------------ set-up
 def link_tree(folder: str) -> str:
     """A folder whose ``text2ct_engine`` package is the checkout's, with ``kernels/`` and ``csrc/`` linked in
-    as ``text2ct_engine.kernels`` / ``.csrc`` (what setup.py's package_dir does); returns it for PYTHONPATH."""
+    as ``text2ct_engine.kernels`` / ``.csrc`` (what setup.py's package_dir does), and the checkout's tests/
+    and pytest.ini beside it; returns it, to be PYTHONPATH and the stages' working folder (from the
+    checkout's root, ``python -m`` would find its kernels-less text2ct_engine/ first)."""
     pkg = os.path.join(folder, "text2ct_engine")
     os.makedirs(pkg, exist_ok=True)
     src = os.path.join(ROOT, "text2ct_engine")
-    links = {name: os.path.join(src, name) for name in os.listdir(src) if name != "__pycache__"}
-    links.update(kernels=os.path.join(ROOT, "kernels"), csrc=os.path.join(ROOT, "csrc"))
-    for name, target in links.items():
-        link = os.path.join(pkg, name)
+    links = {os.path.join(pkg, name): os.path.join(src, name) for name in os.listdir(src) if name != "__pycache__"}
+    links.update({os.path.join(pkg, "kernels"): os.path.join(ROOT, "kernels"),
+                  os.path.join(pkg, "csrc"): os.path.join(ROOT, "csrc"),
+                  os.path.join(folder, "tests"): os.path.join(ROOT, "tests"),
+                  os.path.join(folder, "pytest.ini"): os.path.join(ROOT, "pytest.ini")})
+    for link, target in links.items():
         if not os.path.lexists(link):
             os.symlink(target, link)
     return folder
 
 
-def _importable(env: dict) -> bool:
+def _importable(env: dict, cwd: str) -> bool:
     probe = [sys.executable, "-c", "import text2ct_engine.kernels.group_norm, text2ct_engine.ops"]
-    return subprocess.run(probe, env=env, cwd=ROOT, capture_output=True).returncode == 0
+    return subprocess.run(probe, env=env, cwd=cwd, capture_output=True).returncode == 0
 
 
-def make_importable(env: dict, log) -> dict:
-    """``env`` in which the child processes import the checkout's text2ct_engine (kernels included)."""
-    if _importable(env):
-        return env
+def make_importable(env: dict, log) -> tuple[dict, str]:
+    """(environment, working folder) in which the stages import the checkout's text2ct_engine, kernels
+    included: as installed, after ``pip install -e`` without dependencies, or through a folder of links."""
+    if _importable(env, ROOT):
+        return env, ROOT
     pip = [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation", "-e", ROOT]
     done = subprocess.run(pip, env=env, capture_output=True, text=True)
-    if done.returncode == 0 and _importable(env):
+    if done.returncode == 0 and _importable(env, ROOT):
         log("set-up: installed the checkout in place (pip -e, no dependencies)")
-        return env
+        return env, ROOT
     folder = link_tree(tempfile.mkdtemp(prefix="text2ct-links-"))
     env = dict(env, PYTHONPATH=os.pathsep.join(p for p in (folder, env.get("PYTHONPATH", "")) if p))
     log(f"set-up: pip could not install in place ({(done.stderr or '').strip()[-200:]!r}); using links in {folder}")
-    if not _importable(env):
+    if not _importable(env, folder):
         raise RuntimeError("text2ct_engine cannot be imported here: is torch (and triton) installed?")
-    return env
+    return env, folder
 
 
 def device_facts(env: dict) -> dict:
@@ -173,12 +178,13 @@ def device_facts(env: dict) -> dict:
 
 
 # ------------------------------------------------------------------------------------------ running
-def run_stage(argv: list[str], env: dict, timeout_s: float, log_path: str) -> tuple[int | None, float, bool]:
-    """Run ``argv`` in its own process group with output to ``log_path``; stop the whole group (SIGINT, then
-    SIGKILL) at ``timeout_s``. Returns (exit code or None when stopped, seconds, cut)."""
+def run_stage(argv: list[str], env: dict, timeout_s: float, log_path: str, cwd: str = ROOT
+              ) -> tuple[int | None, float, bool]:
+    """Run ``argv`` in ``cwd`` in its own process group with output to ``log_path``; stop the whole group
+    (SIGINT, then SIGKILL) at ``timeout_s``. Returns (exit code or None when stopped, seconds, cut)."""
     start = time.monotonic()
     with open(log_path, "w") as log:
-        proc = subprocess.Popen(argv, env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
+        proc = subprocess.Popen(argv, env=env, cwd=cwd, stdout=log, stderr=subprocess.STDOUT,
                                 start_new_session=True)
         try:
             return proc.wait(timeout=max(timeout_s, 1)), time.monotonic() - start, False
@@ -216,9 +222,9 @@ def _atomic_write(path: str, text: str) -> None:
 
 
 def run_session(stages: list[Stage], out: str, budget_s: float, smoke: bool, env: dict,
-                log=print, facts: dict | None = None) -> dict:
-    """Run ``stages`` in order within ``budget_s`` seconds; returns (and keeps writing) the session record.
-    ``facts`` replaces the device facts (tests)."""
+                log=print, facts: dict | None = None, cwd: str = ROOT) -> dict:
+    """Run ``stages`` in order within ``budget_s`` seconds, in ``cwd``; returns (and keeps writing) the
+    session record. ``facts`` replaces the device facts (tests)."""
     os.makedirs(out, exist_ok=True)
     work = tempfile.mkdtemp(prefix="gpu-session-")
     deadline = time.monotonic() + budget_s
@@ -246,7 +252,7 @@ def run_session(stages: list[Stage], out: str, budget_s: float, smoke: bool, env
         record["command"] = " ".join(os.path.relpath(a, ROOT) if a.startswith(ROOT) else a for a in argv[1:])
         log(f"== {stage.name} (up to {timeout:.0f} s): {stage.why}")
         log_path = os.path.join(work, f"{stage.name}.log")
-        rc, seconds, cut = run_stage(argv, stage_env, timeout, log_path)
+        rc, seconds, cut = run_stage(argv, stage_env, timeout, log_path, cwd)
         with open(log_path, errors="replace") as f:
             text = f.read()
         logs.append(f"==== {stage.name}: {record['command']}\n{text}\n==== {stage.name}: exit {rc}, "
@@ -280,9 +286,8 @@ def main(argv: list[str] | None = None) -> int:
     if unknown or not names:
         print(f"error: unknown stage(s) {unknown}: choose from {', '.join(STAGE_NAMES)}", file=sys.stderr)
         return 2
-    env = dict(os.environ)
     try:
-        env = make_importable(env, print)
+        env, cwd = make_importable(dict(os.environ), print)
     except RuntimeError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -293,7 +298,7 @@ def main(argv: list[str] | None = None) -> int:
             print("error: no CUDA device here: run with --smoke to check the stages on a CPU", file=sys.stderr)
             return 2
     session = run_session([s for n in names for s in STAGES if s.name == n], args.out, args.budget,
-                          args.smoke, env)
+                          args.smoke, env, cwd=cwd)
     failed = [s["name"] for s in session["stages"] if s.get("rc") not in (0,) or s.get("skipped")]
     print(f"wrote {os.path.join(args.out, 'session.json')} and session.log; "
           + (f"incomplete: {', '.join(failed)}" if failed else "every stage finished"))

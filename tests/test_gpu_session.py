@@ -94,11 +94,14 @@ def test_link_tree_imports_kernels_without_installing(tmp_path):
     folder = gs.link_tree(str(tmp_path))
     code = "import text2ct_engine.kernels.group_norm as g, text2ct_engine.ops; print(g.__file__)"
     env = dict(os.environ, PYTHONPATH=folder, TRITON_INTERPRET="1")
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, cwd=str(tmp_path))
+    # from the folder, as the stages then run: python -c / -m put the working folder first on sys.path
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, cwd=folder)
     assert out.returncode == 0, out.stderr[-500:]
     path = out.stdout.strip()
     assert path.startswith(folder)
     assert os.path.realpath(path) == os.path.join(ROOT, "kernels", "group_norm.py")
+    for name in ("tests", "pytest.ini"):  # the tests stage runs pytest from the folder
+        assert os.path.realpath(os.path.join(folder, name)) == os.path.join(ROOT, name)
 
 
 def test_refuses_unknown_stage_and_cpu_without_smoke(capsys):
