@@ -18,7 +18,6 @@ on the smallest shapes (--interp-max-rows); that checks the plumbing and accurac
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import sys
 import time
@@ -27,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import JsonRecord, peak_memory_mb, print_table, time_fn  # noqa: E402
+from common import JsonRecord, peak_memory_mb, print_table, setting, time_fn  # noqa: E402
 
 from text2ct_engine.kernels import attention as attention_kernels  # noqa: E402
 
@@ -88,15 +87,9 @@ def backends(device: torch.device) -> dict:
     return table
 
 
-@contextlib.contextmanager
 def dq_mode(backend: str):
     """The Triton backward's dQ mode for the rows of ``backend``: atomic adds for ``triton-atomic``."""
-    saved = attention_kernels.DQ_MODE
-    attention_kernels.DQ_MODE = "atomic" if backend == "triton-atomic" else saved
-    try:
-        yield
-    finally:
-        attention_kernels.DQ_MODE = saved
+    return setting(attention_kernels, "DQ_MODE", "atomic" if backend == "triton-atomic" else None)
 
 
 def score_gib(s: dict, elem: int) -> float:

@@ -50,7 +50,7 @@ import torch
 import torch._dynamo
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import JsonRecord, device_name, peak_memory_mb, print_table, time_fn  # noqa: E402
+from common import JsonRecord, device_name, peak_memory_mb, print_table, setting, time_fn  # noqa: E402
 
 from text2ct_engine.kernels import group_norm as gn_kernels  # noqa: E402
 from text2ct_engine.ops import backend, choose_group_norm_backend, group_norm  # noqa: E402
@@ -81,14 +81,8 @@ def ours(name, one_pass_max=None):
     """The engine's op on backend ``name``; ``one_pass_max`` overrides the kernels' small-group threshold
     during the call (0: always the split passes; a huge value: always one program per group)."""
     def fn(x, w, b, a):
-        saved = gn_kernels.ONE_PASS_MAX
-        if one_pass_max is not None:
-            gn_kernels.ONE_PASS_MAX = one_pass_max
-        try:
-            with backend(name):
-                return group_norm(x, GROUPS, w, b, EPS, "silu", a)
-        finally:
-            gn_kernels.ONE_PASS_MAX = saved
+        with setting(gn_kernels, "ONE_PASS_MAX", one_pass_max), backend(name):
+            return group_norm(x, GROUPS, w, b, EPS, "silu", a)
     return fn
 
 

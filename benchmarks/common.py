@@ -1,6 +1,7 @@
 """Shared pieces of the benchmark scripts: timing on CPU or CUDA, a printed table, a JSON record."""
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
 import os
@@ -10,6 +11,19 @@ import time
 from typing import Callable, Sequence
 
 import torch
+
+
+@contextlib.contextmanager
+def setting(module, name: str, value):
+    """Set ``module.name`` to ``value`` for the block (``value`` None: leave it), then restore it: how a
+    benchmark times a kernel path other than the default (read by the kernels at each call)."""
+    saved = getattr(module, name)
+    if value is not None:
+        setattr(module, name, value)
+    try:
+        yield
+    finally:
+        setattr(module, name, saved)
 
 
 def device_name(device: torch.device | str) -> str:
