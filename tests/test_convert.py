@@ -103,8 +103,82 @@ def test_convert_refuses_existing_output_without_force(checkpoints, capsys):
     assert run(tmp, "--out", str(tmp / "model")) == 2
     assert "already exists" in capsys.readouterr().err
     assert (tmp / "model" / "keep.txt").read_text() == "mine"
-    assert run(tmp, "--out", str(tmp / "model"), "--force") == 0
+    # --force replaces only a model directory (or an empty folder), never someone's other files
+    assert run(tmp, "--out", str(tmp / "model"), "--force") == 2
+    assert "holds no pipeline.json" in capsys.readouterr().err
+    assert sorted(os.listdir(tmp / "model")) == ["keep.txt"]
+    os.remove(tmp / "model" / "keep.txt")
+    assert run(tmp, "--out", str(tmp / "model"), "--force") == 0  # empty: replaced
+    (tmp / "model" / "stale.txt").write_text("old run")
+    assert run(tmp, "--out", str(tmp / "model"), "--force") == 0  # a model directory: replaced, not merged
     assert sorted(os.listdir(tmp / "model")) == ["pipeline.json", "unet", "vae"]
+
+
+def _one_error_before_loading(capsys) -> str:
+    captured = capsys.readouterr()
+    err = captured.err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: "), err
+    assert "unet:" not in captured.out  # refused before any checkpoint was read
+    return err[0]
+
+
+def test_force_never_replaces_the_working_folder_or_the_inputs(checkpoints, capsys, monkeypatch):
+    tmp, _, _ = checkpoints
+    before = sorted(os.listdir(tmp))
+    monkeypatch.chdir(tmp)
+    for out in (".", "..", str(tmp), str(tmp.parent)):
+        assert run(tmp, "--out", out, "--force") == 2
+        assert "current folder or above it" in _one_error_before_loading(capsys), out
+    store = tmp / "store"  # a model directory that also holds an input checkpoint
+    store.mkdir()
+    (store / "pipeline.json").write_text("{}")
+    os.replace(tmp / "vae.pt", store / "vae.pt")
+    assert main(["--unet", str(tmp / "unet.pt"), "--vae", str(store / "vae.pt"), "--unet-config",
+                 str(tmp / "unet.json"), "--vae-config", str(tmp / "vae.json"), "--out", str(store), "--force"]) == 2
+    assert f"holds the input {store / 'vae.pt'}" in _one_error_before_loading(capsys)
+    assert sorted(os.listdir(store)) == ["pipeline.json", "vae.pt"]
+    os.replace(store / "vae.pt", tmp / "vae.pt")
+    (tmp / "afile").write_text("x")
+    assert run(tmp, "--out", str(tmp / "afile"), "--force") == 2  # a file is not a model directory
+    assert "it is a file" in _one_error_before_loading(capsys)
+    assert sorted(os.listdir(tmp)) == sorted([*before, "store", "afile"])
+
+
+def test_output_location_is_checked_before_loading(checkpoints, capsys):
+    tmp, _, _ = checkpoints
+    (tmp / "afile").write_text("x")
+    assert run(tmp, "--out", str(tmp / "afile" / "sub")) == 2
+    assert "afile is a file, not a folder" in _one_error_before_loading(capsys)
+    if sys.platform.startswith("linux") and os.path.isdir("/sys"):  # sysfs: no new files, even for root
+        assert run(tmp, "--out", "/sys/text2ct-model") == 2  # root passes os.access: the probe is for real
+        assert "folder /sys is not writable" in _one_error_before_loading(capsys)
+
+
+@pytest.mark.parametrize("value, expected", [("0", "must be > 0"), ("-1", "must be > 0"),
+                                             ("nan", "finite number"), ("inf", "finite number")])
+def test_bad_scale_factor_option_is_refused_up_front(checkpoints, capsys, value, expected):
+    tmp, _, _ = checkpoints
+    assert run(tmp, "--out", str(tmp / "model"), "--scale-factor", value) == 2
+    err = _one_error_before_loading(capsys)
+    assert err.startswith("error: --scale-factor: scale_factor") and expected in err, err
+    assert not os.path.exists(tmp / "model")
+
+
+@pytest.mark.parametrize("stored, expected", [
+    (torch.tensor([1.0, 2.0]), "scale_factor is a tensor of shape (2,), not one number"),
+    ("abc", "scale_factor must be a finite number, got 'abc'"),
+    (float("nan"), "scale_factor must be a finite number, got nan"),
+    (torch.tensor(0.0), "scale_factor must be > 0"),
+])
+def test_bad_scale_factor_in_checkpoint_is_named(checkpoints, capsys, stored, expected):
+    tmp, _, _ = checkpoints
+    ckpt = torch.load(tmp / "unet.pt", weights_only=True)
+    ckpt["scale_factor"] = stored
+    torch.save(ckpt, tmp / "unet.pt")
+    assert run(tmp, "--out", str(tmp / "model")) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and expected in err[0] and "--scale-factor" in err[0], err
+    assert not os.path.exists(tmp / "model")
 
 
 def test_convert_cli_no_traceback(tmp_path):

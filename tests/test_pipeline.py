@@ -139,3 +139,92 @@ def test_tiled_decode_in_pipeline_matches_plain():
     torch.testing.assert_close(tiled, plain, rtol=1e-5, atol=1e-2)  # HU: 2000 x the [0, 1] output
     assert pipe.auto_slab((1, 4, 128, 128, 32)) == 32  # Text2CT's full 512x512x128 volume is tiled
     assert pipe.auto_slab((1, 4, 4, 4, 2)) is None
+
+
+# ------------------------------------------------------------------------------ validation
+@pytest.mark.parametrize("edit, expected", [
+    ({"scheduler": {"_class_name": "RFlowScheduler", "bogus": 1}}, "unexpected keyword argument 'bogus'"),
+    ({"guidance": None}, "guidance must be a finite number, got None"),
+    ({"size": ["a", 64, 32]}, "size must be a finite whole number, got 'a'"),
+    ({"scale_factor": float("nan")}, "scale_factor must be a finite number, got nan"),
+    ({"scale_factor": 0}, "scale_factor must be > 0"),
+    ({"steps": 0}, "steps must be at least 1"),
+    ({"spacing": [1, 1]}, "spacing must be a list of 3 numbers"),
+    ({"colour": "red"}, "unknown key(s) ['colour']"),
+])
+def test_bad_pipeline_json_names_the_file_and_key(tmp_path, edit, expected):
+    import json
+    tiny_pipeline().save_pretrained(tmp_path / "m")
+    path = tmp_path / "m" / "pipeline.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), **edit}))
+    with pytest.raises(ValueError) as err:
+        Text2CTPipeline.from_pretrained(tmp_path / "m")
+    assert str(err.value).startswith(str(path)) and expected in str(err.value), err.value
+
+
+def test_non_utf8_pipeline_json_names_the_file(tmp_path):
+    tiny_pipeline().save_pretrained(tmp_path / "m")
+    (tmp_path / "m" / "pipeline.json").write_bytes(b'{"guidance": "\xff"}')
+    with pytest.raises(ValueError, match="pipeline.json: cannot read the pipeline config"):
+        Text2CTPipeline.from_pretrained(tmp_path / "m")
+
+
+@pytest.mark.parametrize("cut", [0.5, 0.0])
+def test_truncated_weights_are_one_line(tmp_path, cut):
+    tiny_pipeline().save_pretrained(tmp_path / "m")
+    weights = tmp_path / "m" / "unet" / "model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes(data[:int(len(data) * cut)])
+    with pytest.raises(ValueError, match="model.safetensors is corrupt or truncated"):
+        Text2CTPipeline.from_pretrained(tmp_path / "m")
+
+
+def test_call_refuses_non_finite_guidance_and_bad_steps_or_seeds():
+    pipe = tiny_pipeline()
+    ctx = torch.randn(1, 1, CONTEXT_DIM)
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        with pytest.raises(ValueError, match="guidance must be a finite number"):
+            pipe(context=ctx, guidance=bad)
+    for bad in (0, -1):
+        with pytest.raises(ValueError, match="steps must be at least 1"):
+            pipe(context=ctx, steps=bad)
+    with pytest.raises(ValueError, match="seeds must be between 0 and 2\\*\\*63 - 1"):
+        pipe(context=torch.randn(2, 1, CONTEXT_DIM), seed=2**63 - 1)
+    with pytest.raises(ValueError, match="seeds must be between"):
+        pipe(context=ctx, seed=-1)
+    calls = []
+    pipe(context=ctx, steps=None, progress=lambda i, n: calls.append(n))  # None: the model's default (3)
+    assert calls == [3, 3, 3]
+
+
+def test_non_finite_scale_factor_and_volume_are_refused(tmp_path):
+    from text2ct_engine.pipeline import PipelineConfig
+    for bad in (float("nan"), float("inf"), 0.0, -2.0):
+        with pytest.raises(ValueError, match="scale_factor must be"):
+            PipelineConfig(scale_factor=bad)
+    vol = torch.zeros(4, 4, 4)
+    vol[1, 2, 3] = float("nan")
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        save_nifti(vol, (1, 1, 1), tmp_path / "ct.nii.gz")
+    assert os.listdir(tmp_path) == []
+
+
+def test_unconditional_sampling_needs_no_text_encoder():
+    pipe = tiny_pipeline()
+    got = pipe(["", " "], allow_empty=True, seed=3, steps=1)
+    torch.testing.assert_close(got, pipe(context=torch.zeros(2, 1, CONTEXT_DIM), seed=3, steps=1))
+    with pytest.raises(ValueError, match="convert it with --clip and --tokenizer"):
+        pipe(["", "Findings: normal."], allow_empty=True)
+
+
+def test_sizes_and_devices_are_bounded():
+    from text2ct_engine.pipeline import resolve_device
+    pipe = tiny_pipeline()
+    for size in ((65536, 65536, 65536), (2048, 2048, 1024), (8192, 8, 8)):
+        with pytest.raises(ValueError, match="too large: at most 4096 voxels per side"):
+            pipe.check_size(size)
+    assert pipe.check_size((1024, 1024, 1024)) == (1024, 1024, 1024)
+    assert resolve_device("cpu") == torch.device("cpu") and resolve_device("cuda:1") == torch.device("cuda:1")
+    for bad in ("meta", "mps", "nonsense"):
+        with pytest.raises(ValueError, match=f"device {bad} is not"):
+            resolve_device(bad)

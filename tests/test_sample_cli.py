@@ -13,7 +13,7 @@ from text2ct_engine.pipeline import Text2CTPipeline
 from text2ct_engine import sample as sample_module
 from text2ct_engine.sample import DEFAULT_MODEL, DEFAULT_MODEL_NOTE, main
 
-from tiny_models import tiny_text_pipeline
+from tiny_models import tiny_pipeline, tiny_text_pipeline
 
 PROMPT = "Findings: Bilateral pleural effusion. Impression: Pleural effusion."
 
@@ -98,6 +98,21 @@ ERRORS = {
     "empty_prompt": (["--prompt", "  "], "prompt is empty"),
     "no_prompt": ([], "give a prompt"),
     "bad_extension": (["--prompt", PROMPT, "--out", "{tmp}/ct.mha"], "must end in .nii.gz"),
+    "out_is_a_dir": (["--prompt", PROMPT, "--out", "{tmp}/dir.nii.gz"], "dir.nii.gz is a directory"),
+    "preview_is_a_dir": (["--prompt", PROMPT, "--preview", "{tmp}/dir.png"], "dir.png is a directory"),
+    "not_writable": (["--prompt", PROMPT, "--out", "/sys/ct.nii.gz"], "folder /sys is not writable"),
+    "cpu_bfloat16": (["--prompt", PROMPT, "--device", "cpu", "--dtype", "bfloat16"], "CPU supports float32 only"),
+    "cpu_float16": (["--prompt", PROMPT, "--dtype", "float16", "--device", "cpu"], "CPU supports float32 only"),
+    "guidance_nan": (["--prompt", PROMPT, "--guidance", "nan"], "--guidance must be a finite number, got nan"),
+    "guidance_inf": (["--prompt", PROMPT, "--guidance", "inf"], "--guidance must be a finite number, got inf"),
+    "seed_too_big": (["--prompt", PROMPT, "--seed", "18446744073709551616"], "--seed must be between 0 and 2**63 - 1"),
+    "seed_negative": (["--prompt", PROMPT, "--seed", "-1"], "--seed must be between 0 and 2**63 - 1"),
+    "last_seed_too_big": (["--prompt", PROMPT, "--prompt", PROMPT, "--seed", str(2**63 - 1)],
+                          "--seed must be between 0 and 2**63 - 2"),
+    "device_meta": (["--prompt", PROMPT, "--device", "meta"], "--device meta: not a device this runs on"),
+    "device_mps": (["--prompt", PROMPT, "--device", "mps"], "--device mps: not a device this runs on"),
+    "steps_zero": (["--prompt", PROMPT, "--steps", "0"], "--steps must be at least 1, got 0"),
+    "huge_size": (["--prompt", PROMPT, "--size", "65536", "65536", "65536"], "too large: at most 4096"),
 }
 
 
@@ -105,6 +120,8 @@ ERRORS = {
 def test_errors_are_one_line_and_write_nothing(case, model_dir, tmp_path, capsys):
     (tmp_path / "empty.txt").write_text("\n  \n")
     (tmp_path / "exists.nii.gz").write_bytes(b"keep")
+    (tmp_path / "dir.nii.gz").mkdir()
+    (tmp_path / "dir.png").mkdir()
     args, expected = ERRORS[case]
     args = [a.format(tmp=tmp_path) for a in args]
     full = ["--model", str(model_dir), "--out", str(tmp_path / "ct.nii.gz"), "--no-progress"]
@@ -118,6 +135,56 @@ def test_errors_are_one_line_and_write_nothing(case, model_dir, tmp_path, capsys
     assert len(err) == 1 and err[0].startswith("error: ") and expected in err[0], err
     assert sorted(os.listdir(tmp_path)) == before
     assert (tmp_path / "exists.nii.gz").read_bytes() == b"keep"
+
+
+def test_prompt_file_with_a_bom_reads_as_without(model_dir, tmp_path):
+    (tmp_path / "bom.txt").write_bytes(b"\xef\xbb\xbf" + PROMPT.encode() + b"\n")
+    (tmp_path / "plain.txt").write_text(PROMPT + "\n")
+    for name in ("bom", "plain"):
+        args = sample_module.parse_args(["--prompt-file", str(tmp_path / f"{name}.txt"), "--out", "x.nii.gz"])
+        assert sample_module.read_prompts(args) == [PROMPT]
+        assert sample(model_dir, tmp_path / f"{name}.nii.gz", "--prompt-file", str(tmp_path / f"{name}.txt"),
+                      "--steps", "1") == 0
+    bom, plain = (np.asarray(nib.load(tmp_path / f"{n}.nii.gz").dataobj) for n in ("bom", "plain"))
+    np.testing.assert_array_equal(bom, plain)
+
+
+@pytest.fixture(scope="module")
+def textless_model_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("m") / "textless"
+    tiny_pipeline().save_pretrained(d)
+    return d
+
+
+def test_model_without_text_encoder_samples_unconditionally(textless_model_dir, tmp_path):
+    out = tmp_path / "ct.nii.gz"
+    assert sample(textless_model_dir, out, "--prompt", "", "--unconditional", "--seed", "3", "--steps", "1") == 0
+    pipe = Text2CTPipeline.from_pretrained(textless_model_dir)
+    expected = pipe(context=torch.zeros(1, 1, 16), seed=3, steps=1)[0]
+    np.testing.assert_array_equal(np.asarray(nib.load(out).dataobj), np.rint(expected.numpy()).astype(np.int16))
+
+
+def test_prompt_on_model_without_text_encoder_is_refused_before_loading(textless_model_dir, tmp_path, capsys,
+                                                                         monkeypatch):
+    def no_loading(*_args, **_kwargs):
+        raise AssertionError("the weights were loaded")
+    monkeypatch.setattr(Text2CTPipeline, "from_pretrained", no_loading)
+    assert sample(textless_model_dir, tmp_path / "ct.nii.gz", "--prompt", PROMPT) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "has no text encoder (clip/)" in err[0] and "--clip and --tokenizer" in err[0], err
+    assert os.listdir(tmp_path) == []
+
+
+def test_out_of_memory_is_one_line(model_dir, tmp_path, capsys, monkeypatch):
+    def oom(*_args, **_kwargs):
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:117] data. DefaultCPUAllocator: can't allocate memory: "
+                           "you tried to allocate 2199023255552 bytes. Error code 12 (Cannot allocate memory)")
+    monkeypatch.setattr(Text2CTPipeline, "__call__", oom)
+    assert sample(model_dir, tmp_path / "ct.nii.gz", "--prompt", PROMPT) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: out of memory: ") and \
+        err[0].endswith("try a smaller --size or --decode-slab"), err
+    assert os.listdir(tmp_path) == []
 
 
 def test_cli_subprocess_error_has_no_traceback(tmp_path):

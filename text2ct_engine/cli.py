@@ -5,20 +5,52 @@ import sys
 import warnings
 from typing import Callable
 
+OOM_HINT = "try smaller inputs"
+_OOM_MARKERS = ("out of memory", "can't allocate memory")
+
 
 def _warn_in_one_line(message, category, *_args, **_kwargs) -> None:
     print(f"warning: {message}", file=sys.stderr)
 
 
-def run_guarded(job: Callable[[], object]) -> int:
+def _first_line(err: BaseException) -> str:
+    lines = str(err).strip().splitlines()
+    return lines[0].strip() if lines else type(err).__name__
+
+
+def is_out_of_memory(err: BaseException) -> bool:
+    """A failed allocation: ``MemoryError``, ``torch.OutOfMemoryError`` or an allocator's ``RuntimeError``."""
+    torch = sys.modules.get("torch")  # only a job that imported torch can raise its error
+    if isinstance(err, MemoryError) or (torch is not None and isinstance(err, torch.OutOfMemoryError)):
+        return True
+    return isinstance(err, RuntimeError) and any(m in str(err).lower() for m in _OOM_MARKERS)
+
+
+def describe_os_error(err: OSError) -> str:
+    """``<path>: <reason>`` for an ``OSError`` (both paths of a failed rename)."""
+    reason = err.strerror or _first_line(err)
+    paths = [p for p in (err.filename, err.filename2) if p is not None]
+    return f"{' -> '.join(map(str, paths))}: {reason}" if paths else reason
+
+
+def run_guarded(job: Callable[[], object], oom_hint: str = OOM_HINT) -> int:
     """Run ``job``; a ``ValueError`` (the engine's "bad input" signal) becomes one line on stderr and exit 2.
 
+    So do a failed allocation (``out of memory: ...; <oom_hint>``) and an ``OSError`` (the path and why).
     Warnings are printed as one ``warning:`` line each, without source locations.
     """
     warnings.showwarning = _warn_in_one_line
     try:
         job()
     except ValueError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    return 0
+        message = str(err)
+    except OSError as err:
+        message = describe_os_error(err)
+    except (MemoryError, RuntimeError) as err:
+        if not is_out_of_memory(err):
+            raise
+        message = f"out of memory: {_first_line(err)[:200]}; {oom_hint}"
+    else:
+        return 0
+    print(f"error: {message}", file=sys.stderr)
+    return 2

@@ -18,10 +18,10 @@ import sys
 import torch
 
 from .cli import run_guarded
-from .io_utils import atomic_dir, read_json_object
+from .io_utils import atomic_dir, check_creatable, check_replaceable_dir, read_json_object
 from .models import AutoencoderKL, DiffusionUNet
 from .models.serialization import strict_load
-from .pipeline import PipelineConfig, Text2CTPipeline
+from .pipeline import PIPELINE_FILE, PipelineConfig, Text2CTPipeline, check_scale_factor
 
 STATE_KEYS = ("unet_state_dict", "autoencoder_state_dict", "state_dict", "model_state_dict", "model",
               "ema_state_dict", "ema", "net", "module")
@@ -94,15 +94,46 @@ def build(cls, kwargs: dict, path: str | None):
         raise ConvertError(f"{path or 'default config'}: invalid {cls.__name__} settings ({err})") from None
 
 
+def scale_factor_of(ckpt: dict, path: str) -> float:
+    """The checkpoint's ``scale_factor`` (a number or a one-value tensor > 0), with one-line errors."""
+    found = ckpt.get("scale_factor")
+    if found is None:
+        raise ConvertError(f"{path}: holds no scale_factor; pass --scale-factor (1 / std of the training latents)")
+    if isinstance(found, torch.Tensor) and found.numel() != 1:
+        raise ConvertError(f"{path}: scale_factor is a tensor of shape {tuple(found.shape)}, not one number; "
+                           f"pass --scale-factor")
+    try:
+        return check_scale_factor(found.item() if isinstance(found, torch.Tensor) else found)
+    except ValueError as err:
+        raise ConvertError(f"{path}: {err}; pass --scale-factor") from None
+
+
+def check_output(out: str, force: bool, inputs: tuple[str | None, ...]) -> None:
+    """Before anything is loaded: ``out`` must be new (or, with ``force``, a model directory) and creatable."""
+    if os.path.lexists(out) and not force:
+        raise ConvertError(f"{out} already exists: choose another --out or pass --force to replace it")
+    check_replaceable_dir(out, PIPELINE_FILE, inputs)
+    check_creatable(out)
+
+
 def convert(unet_path: str, vae_path: str, out: str, unet_config: str | None = None, vae_config: str | None = None,
             scale_factor: float | None = None, clip_path: str | None = None, tokenizer_path: str | None = None,
             clip_config: str | None = None, force: bool = False, log=print) -> Text2CTPipeline:
-    """Build the model directory ``out`` from checkpoints; nothing is left behind on error."""
-    if os.path.exists(out) and not force:
-        raise ConvertError(f"{out} already exists: choose another --out or pass --force to replace it")
+    """Build the model directory ``out`` from checkpoints; nothing is left behind on error.
+
+    With ``force`` an existing ``out`` is replaced only if it is a model directory (or empty)."""
+    check_output(out, force, (unet_path, vae_path, unet_config, vae_config, clip_path, tokenizer_path, clip_config))
+    if scale_factor is not None:
+        try:
+            scale_factor = check_scale_factor(scale_factor)
+        except ValueError as err:
+            raise ConvertError(f"--scale-factor: {err}") from None
     unet_ckpt = load_checkpoint(unet_path)
     unet_sd, where = find_state_dict(unet_ckpt, unet_path, ("unet_state_dict",))
     log(f"unet: {len(unet_sd)} tensors from {where} of {unet_path}")
+    if scale_factor is None:
+        scale_factor = scale_factor_of(unet_ckpt, unet_path)
+        log(f"scale_factor: {scale_factor:.6g} from {unet_path}")
     vae_ckpt = load_checkpoint(vae_path)
     vae_sd, where = find_state_dict(vae_ckpt, vae_path, ("autoencoder_state_dict",))
     log(f"vae: {len(vae_sd)} tensors from {where} of {vae_path}")
@@ -110,13 +141,6 @@ def convert(unet_path: str, vae_path: str, out: str, unet_config: str | None = N
     vae = build(AutoencoderKL, read_config(vae_config), vae_config)
     load_into(unet, unet_sd, unet_path)
     load_into(vae, vae_sd, vae_path)
-    if scale_factor is None:
-        found = unet_ckpt.get("scale_factor")
-        if found is None:
-            raise ConvertError(f"{unet_path}: holds no scale_factor; pass --scale-factor (1 / std of the "
-                               f"training latents)")
-        scale_factor = float(found)
-        log(f"scale_factor: {scale_factor:.6g} from {unet_path}")
     text_encoder = tokenizer = None
     if clip_path is not None:
         from .text import convert_clip_checkpoint
@@ -125,7 +149,7 @@ def convert(unet_path: str, vae_path: str, out: str, unet_config: str | None = N
         log(f"clip text tower: {what} from {clip_path}")
     pipe = Text2CTPipeline(unet.eval(), vae.eval(), PipelineConfig(scale_factor=scale_factor),
                            text_encoder, tokenizer)
-    with atomic_dir(out) as tmp:
+    with atomic_dir(out, marker=PIPELINE_FILE) as tmp:
         pipe.save_pretrained(tmp)
     log(f"wrote {out}")
     return pipe

@@ -5,11 +5,12 @@
 from __future__ import annotations
 
 import contextlib
+import glob
 import json
 import os
 import shutil
 import tempfile
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 
 
 def _umask() -> int:
@@ -24,24 +25,96 @@ def default_mode(directory: bool = False) -> int:
     return (0o777 if directory else 0o666) & ~_umask()
 
 
-@contextlib.contextmanager
-def atomic_dir(path: str | os.PathLike) -> Iterator[str]:
-    """Yield a new temporary folder beside ``path``; on success it replaces ``path`` (an existing folder
-    (or file) there is removed first), on error it is deleted and ``path`` is left as it was."""
+def _inside(path: str, folder: str) -> bool:
+    """Is ``path`` ``folder`` itself or somewhere below it (both resolved)?"""
+    path, folder = os.path.realpath(path), os.path.realpath(folder)
+    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
+
+
+def check_replaceable_dir(path: str | os.PathLike, marker: str, inputs: Iterable[str | os.PathLike] = ()) -> None:
+    """Raise a one-line ``ValueError`` unless replacing ``path`` with a new folder loses nothing else: it must
+    not exist, or be an empty folder or one holding ``marker`` (a folder this tool wrote), and be neither the
+    working directory nor above it, nor hold any of ``inputs``."""
     path = os.fspath(path)
-    parent = os.path.dirname(os.path.abspath(path))
+    if not os.path.lexists(path):
+        return
+    if os.path.basename(os.path.normpath(path)) in (".", "..") or _inside(os.getcwd(), path):
+        raise ValueError(f"refusing to replace {path}: it is the current folder or above it; choose a new folder")
+    held = [os.fspath(i) for i in inputs if i is not None and _inside(os.fspath(i), path)]
+    if held:
+        raise ValueError(f"refusing to replace {path}: it holds the input {held[0]}; choose another folder")
+    if not os.path.isdir(path):
+        raise ValueError(f"refusing to replace {path}: it is a file, not a model folder; choose another path")
+    if os.listdir(path) and not os.path.isfile(os.path.join(path, marker)):
+        raise ValueError(f"refusing to replace {path}: it is not empty and holds no {marker}, so it is not a "
+                         f"folder this tool wrote; choose another path")
+
+
+def check_creatable(path: str | os.PathLike) -> None:
+    """Raise a one-line ``ValueError`` unless ``path`` (and its missing parent folders) can be created now:
+    tried for real, with a temporary file in the nearest existing folder (``os.access`` trusts root)."""
+    path = os.fspath(path)
+    existing = os.path.dirname(os.path.abspath(path))
+    while not os.path.lexists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise ValueError(f"cannot write {path}: {existing} is a file, not a folder")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".tmp-probe-", dir=existing)
+    except OSError as err:
+        raise ValueError(f"cannot write {path}: folder {existing} is not writable ({err.strerror})") from None
+    os.close(fd)
+    os.remove(probe)
+
+
+STAGING_PREFIX = ".tmp-"  # folders being written, beside the one they replace
+OLD_SUFFIX = ".old"  # the replaced folder, between the two renames of a swap
+
+
+@contextlib.contextmanager
+def atomic_dir(path: str | os.PathLike, marker: str | None = None) -> Iterator[str]:
+    """Yield a new folder beside ``path`` to write into; on success it replaces ``path`` as a whole.
+
+    The old folder is renamed to ``path.old``, the new one to ``path``, then ``path.old`` is deleted: at
+    every moment there is a complete folder at ``path`` or at ``path.old``, and :func:`recover_dir` (run
+    first here) puts it back after an interruption. A file at ``path`` is removed. On error the new folder
+    is deleted and ``path`` is left as it was. With ``marker``, ``path`` is first checked with
+    :func:`check_replaceable_dir` (only an empty folder or one holding ``marker`` is replaced).
+    """
+    path = os.fspath(path)
+    if marker is not None:
+        check_replaceable_dir(path, marker)
+    parent, name = os.path.split(os.path.abspath(path))
     os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".tmp-", dir=parent)
+    recover_dir(path)
+    tmp = tempfile.mkdtemp(prefix=f"{STAGING_PREFIX}{name}-", dir=parent)
     try:
         yield tmp
         os.chmod(tmp, default_mode(directory=True))
+        old = path + OLD_SUFFIX
         if os.path.isdir(path) and not os.path.islink(path):
-            shutil.rmtree(path)
+            os.replace(path, old)
         elif os.path.lexists(path):
             os.remove(path)
         os.replace(tmp, path)
+        shutil.rmtree(old, ignore_errors=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def recover_dir(path: str | os.PathLike) -> None:
+    """Finish or undo an :func:`atomic_dir` swap that was interrupted: restore ``path.old`` when ``path`` is
+    missing, else delete it; delete half-written staging folders."""
+    path = os.fspath(path)
+    old = path + OLD_SUFFIX
+    if os.path.isdir(old):
+        if os.path.exists(path):
+            shutil.rmtree(old)
+        else:
+            os.replace(old, path)
+    parent, name = os.path.split(os.path.abspath(path))
+    for stale in glob.glob(os.path.join(glob.escape(parent), f"{STAGING_PREFIX}{glob.escape(name)}-*")):
+        shutil.rmtree(stale, ignore_errors=True)
 
 
 @contextlib.contextmanager

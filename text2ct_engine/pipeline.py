@@ -8,19 +8,66 @@ A model directory holds ``pipeline.json`` (scale factor, spacing, HU window, sch
 from __future__ import annotations
 
 import dataclasses
-import json
+import math
+import numbers
 import os
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 import torch
 
-from .io_utils import write_json
+from .io_utils import read_json_object, write_json
 from .models import AutoencoderKL, DiffusionUNet
 from .schedulers import RFlowScheduler, scheduler_from_dict
 from .tiling import tiled_decode
 
 PIPELINE_FILE = "pipeline.json"
+MAX_SIDE, MAX_VOXELS = 4096, 2**31  # far beyond any CT; a larger request is a typo, not a volume
+MAX_SEED = 2**63 - 1
+DEVICE_NAMES = "auto, cpu, cuda or cuda:N"
+
+
+def _number(name: str, value: object, integer: bool = False) -> float:
+    """``value`` as a finite number (an integral one with ``integer``); else a ``ValueError`` naming ``name``."""
+    try:
+        number = None if isinstance(value, (str, bytes, bool)) else float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError, RuntimeError):  # RuntimeError: a tensor of several values
+        number = None
+    if number is None or not math.isfinite(number) or (integer and number != int(number)):
+        raise ValueError(f"{name} must be a finite {'whole ' if integer else ''}number, got {value!r}")
+    return int(number) if integer else number
+
+
+def _numbers(name: str, values: object, n: int, integer: bool = False) -> tuple:
+    """``values`` as a tuple of ``n`` finite numbers; else a ``ValueError`` naming ``name``."""
+    try:
+        items = None if isinstance(values, (str, bytes)) else tuple(values)  # type: ignore[arg-type]
+    except TypeError:
+        items = None
+    if items is None or len(items) != n:
+        raise ValueError(f"{name} must be a list of {n} numbers, got {values!r}")
+    return tuple(_number(name, v, integer) for v in items)
+
+
+def check_scale_factor(value: object) -> float:
+    """The latent scale factor as a float: a finite number > 0, else a one-line ``ValueError``."""
+    scale = _number("scale_factor", value)
+    if scale <= 0:
+        raise ValueError(f"scale_factor must be > 0 (1 / std of the training latents), got {value!r}")
+    return scale
+
+
+def check_guidance(value: object) -> float:
+    """The classifier-free guidance scale as a float: any finite number."""
+    return _number("guidance", value)
+
+
+def check_steps(value: object) -> int:
+    """The number of sampling steps: a whole number >= 1."""
+    steps = _number("steps", value, integer=True)
+    if steps < 1:
+        raise ValueError(f"steps must be at least 1, got {value!r}")
+    return steps
 
 
 @dataclass
@@ -37,17 +84,53 @@ class PipelineConfig:
     scheduler: dict = field(default_factory=lambda: RFlowScheduler().to_dict())
 
     def __post_init__(self) -> None:
-        self.spacing = tuple(float(s) for s in self.spacing)
-        self.size = tuple(int(s) for s in self.size)
-        self.hu_window = tuple(float(s) for s in self.hu_window)
-        if self.scale_factor <= 0 or len(self.hu_window) != 2 or self.hu_window[0] >= self.hu_window[1]:
-            raise ValueError("pipeline config: scale_factor must be > 0 and hu_window an increasing pair")
+        self.scale_factor = check_scale_factor(self.scale_factor)
+        self.spacing = _numbers("spacing", self.spacing, 3)
+        self.size = _numbers("size", self.size, 3, integer=True)
+        self.hu_window = _numbers("hu_window", self.hu_window, 2)
+        if self.hu_window[0] >= self.hu_window[1]:
+            raise ValueError(f"hu_window must be an increasing pair, got {list(self.hu_window)}")
+        self.spacing_scale = _number("spacing_scale", self.spacing_scale)
+        if self.class_label is not None:
+            self.class_label = _number("class_label", self.class_label, integer=True)
+        self.guidance = check_guidance(self.guidance)
+        self.steps = check_steps(self.steps)
+        if not isinstance(self.scheduler, dict):
+            raise ValueError(f"scheduler must be a JSON object, got {self.scheduler!r}")
+        try:
+            scheduler_from_dict(self.scheduler)
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"scheduler: {err}") from None
+
+    @classmethod
+    def from_file(cls, path: str) -> "PipelineConfig":
+        """Read ``pipeline.json``; every problem is one ``ValueError`` line naming the file and the key."""
+        raw = read_json_object(path, "pipeline config")
+        unknown = sorted(set(raw) - {f.name for f in dataclasses.fields(cls)})
+        if unknown:
+            raise ValueError(f"{path}: unknown key(s) {unknown} in the pipeline config")
+        try:
+            return cls(**raw)
+        except ValueError as err:
+            raise ValueError(f"{path}: invalid pipeline config: {err}") from None
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
+    """``auto``/None (CUDA when available, else the CPU), ``cpu``, ``cuda`` or ``cuda:N``; else ``ValueError``."""
     if device is None or device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"device {device} is not a device name ({DEVICE_NAMES})") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"device {device} is not supported: use {DEVICE_NAMES}")
+    return dev
+
+
+def has_text_encoder(directory: str | os.PathLike) -> bool:
+    """Does the model directory hold a text tower (``clip/``), so that it can take prompts?"""
+    return os.path.isdir(os.path.join(directory, "clip"))
 
 
 class Text2CTPipeline:
@@ -70,17 +153,12 @@ class Text2CTPipeline:
         path = os.path.join(directory, PIPELINE_FILE)
         if not os.path.isfile(path):
             raise ValueError(f"{directory} is not a model directory: {PIPELINE_FILE} is missing")
-        try:
-            with open(path) as f:
-                raw = json.load(f)
-            config = PipelineConfig(**raw)
-        except (json.JSONDecodeError, TypeError) as err:
-            raise ValueError(f"{path} is not a valid pipeline config: {err}") from None
+        config = PipelineConfig.from_file(path)
         dev = resolve_device(device)
         unet = DiffusionUNet.from_pretrained(os.path.join(directory, "unet"), device=dev, dtype=dtype)
         vae = AutoencoderKL.from_pretrained(os.path.join(directory, "vae"), device=dev, dtype=dtype)
         text_encoder = tokenizer = None
-        if os.path.isdir(os.path.join(directory, "clip")):
+        if has_text_encoder(directory):
             from .text import load_text_side
             text_encoder, tokenizer = load_text_side(directory, dev, dtype)
             if text_encoder.embed_dim != unet.config.cross_attention_dim:
@@ -124,7 +202,11 @@ class Text2CTPipeline:
         if len(size) != 3 or any(int(s) <= 0 or int(s) % m for s in size):
             raise ValueError(f"size {tuple(size)} must be three positive numbers divisible by {m} "
                              f"(VAE x{f} times UNet x{m // f} downsampling)")
-        return tuple(int(s) for s in size)  # type: ignore[return-value]
+        size = tuple(int(s) for s in size)
+        if max(size) > MAX_SIDE or math.prod(size) > MAX_VOXELS:
+            raise ValueError(f"size {size} is too large: at most {MAX_SIDE} voxels per side and "
+                             f"{MAX_VOXELS} in all")
+        return size  # type: ignore[return-value]
 
     @staticmethod
     def check_spacing(spacing: Sequence[float]) -> tuple[float, float, float]:
@@ -133,10 +215,15 @@ class Text2CTPipeline:
         return tuple(float(s) for s in spacing)  # type: ignore[return-value]
 
     def encode_prompts(self, prompts: Sequence[str], allow_empty: bool = False) -> torch.Tensor:
-        """Prompts -> (B, 1, cross_attention_dim) context from the CLIP text tower."""
+        """Prompts -> (B, 1, cross_attention_dim) context from the CLIP text tower.
+
+        Without a text tower only empty prompts (with ``allow_empty``) work: the all-zero "no condition"."""
         if self.text_encoder is None or self.tokenizer is None:
-            raise ValueError("this model directory has no text encoder (clip/ and tokenizer.json): "
-                             "pass a context tensor instead of prompts")
+            if allow_empty and not any(p.strip() for p in prompts):
+                return torch.zeros(len(prompts), 1, self.unet.config.cross_attention_dim, device=self.device,
+                                   dtype=self.dtype)
+            raise ValueError("this model has no text encoder (clip/ and tokenizer.json): convert it with "
+                             "--clip and --tokenizer to use prompts, or pass a context tensor")
         from .text import encode_prompts
         return encode_prompts(self.text_encoder, self.tokenizer, prompts, self.device, allow_empty=allow_empty)
 
@@ -219,6 +306,17 @@ class Text2CTPipeline:
             volumes.append((image.clamp(0, 1) * (hi - lo) + lo).cpu())
         return torch.stack(volumes)
 
+    @staticmethod
+    def seeds_for(batch: int, seed: int | Sequence[int]) -> list[int]:
+        """One seed per sample (``seed + i`` from one int), each in 0 .. 2**63 - 1, else ``ValueError``."""
+        if isinstance(seed, numbers.Integral):
+            seeds = [int(seed) + i for i in range(batch)]
+        else:
+            seeds = [int(s) for s in seed]
+        if any(not 0 <= s <= MAX_SEED for s in seeds):
+            raise ValueError(f"seeds must be between 0 and 2**63 - 1, got {seeds[0]}..{seeds[-1]}")
+        return seeds
+
     # ------------------------------------------------------------------ main entry
     @torch.no_grad()
     def __call__(self, prompts: Sequence[str] | str | None = None, *, context: torch.Tensor | None = None,
@@ -243,9 +341,8 @@ class Text2CTPipeline:
                              f"got {tuple(context.shape)}")
         size = self.check_size(size or self.config.size)
         spacing = self.check_spacing(spacing or self.config.spacing)
-        steps = int(steps or self.config.steps)
-        guidance = float(self.config.guidance if guidance is None else guidance)
-        b = context.shape[0]
-        seeds = [int(seed) + i for i in range(b)] if isinstance(seed, int) else [int(s) for s in seed]
+        steps = self.config.steps if steps is None else check_steps(steps)
+        guidance = self.config.guidance if guidance is None else check_guidance(guidance)
+        seeds = self.seeds_for(context.shape[0], seed)
         latents = self.sample_latents(context, size, spacing, steps, guidance, seeds, progress)
         return self.decode_latents(latents, decode_slab, decode_host_memory, decode_storage)

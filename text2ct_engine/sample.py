@@ -18,11 +18,13 @@ import os
 import resource
 import sys
 import time
+from functools import partial
 
 import torch
 
 from .cli import run_guarded
-from .pipeline import Text2CTPipeline, resolve_device
+from .pipeline import (MAX_SEED, Text2CTPipeline, check_guidance, check_steps, has_text_encoder,
+                       resolve_device)
 from .volume_io import check_writable, save_nifti, save_preview
 
 DEFAULT_MODEL = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "phantom_model")
@@ -46,7 +48,7 @@ def read_prompts(args: argparse.Namespace) -> list[str]:
     prompts = list(args.prompt or [])
     if args.prompt_file:
         try:
-            with open(args.prompt_file, encoding="utf-8") as f:
+            with open(args.prompt_file, encoding="utf-8-sig") as f:  # utf-8-sig: a BOM is not text
                 from_file = [line.strip() for line in f if line.strip()]
         except OSError as err:
             raise ValueError(f"cannot read --prompt-file {args.prompt_file}: {err.strerror}") from None
@@ -111,31 +113,72 @@ def check_outputs(args: argparse.Namespace, n: int) -> list[tuple[str, str | Non
     return outs
 
 
-def run(args: argparse.Namespace) -> None:
-    start = time.perf_counter()
-    prompts = read_prompts(args)
-    outputs = check_outputs(args, len(prompts))
-    if args.steps is not None and args.steps < 1:
-        raise ValueError(f"--steps must be at least 1, got {args.steps}")
-    slab = None if args.decode_slab == "0" else args.decode_slab
+def check_numbers(args: argparse.Namespace, n: int) -> None:
+    """--steps, --guidance and --seed (every prompt's seed + i must fit in 63 bits)."""
+    for check, value in ((check_steps, args.steps), (check_guidance, args.guidance)):
+        if value is not None:
+            try:
+                check(value)
+            except ValueError as err:
+                raise ValueError(f"--{err}") from None  # "steps must ..." -> "--steps must ..."
+    if not 0 <= args.seed <= MAX_SEED - (n - 1):
+        raise ValueError(f"--seed must be between 0 and 2**63 - {n} (prompt i uses seed + i and seeds are "
+                         f"63-bit), got {args.seed}")
+
+
+def parse_slab(value: str) -> int | str | None:
+    slab = None if value == "0" else value
     if slab not in (None, "auto"):
         if not slab.isdigit():
             raise ValueError(f"--decode-slab must be a positive number of rows, 0 or auto, got {slab}")
         slab = int(slab)
+    return slab
+
+
+def pick_device(args: argparse.Namespace) -> tuple[torch.device, torch.dtype]:
+    """--device and --dtype: a device that is here, and a dtype it can sample in."""
     try:
         device = resolve_device(args.device)
-    except RuntimeError:
-        raise ValueError(f"--device {args.device} is not a device name (auto, cpu, cuda, cuda:N)") from None
+    except ValueError:
+        raise ValueError(f"--device {args.device}: not a device this runs on (auto, cpu, cuda, cuda:N)") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda asked for, but no CUDA GPU is available here: use --device cpu")
     dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
-    model = args.model
+    if device.type == "cpu" and dtype != torch.float32:
+        raise ValueError(f"--dtype {args.dtype}: sampling on the CPU supports float32 only; leave --dtype out "
+                         f"or use --device cuda")
+    return device, dtype
+
+
+def pick_model(model: str | None, prompts: list[str]) -> str:
+    """--model (or the demo model), checked before its weights are loaded: prompts need a text encoder."""
     if model is None:
         if not os.path.isfile(os.path.join(DEFAULT_MODEL, "pipeline.json")):
             raise ValueError(f"no --model given and the built-in phantom demo model is missing ({DEFAULT_MODEL}): "
                              f"pass --model DIR, or rebuild it with benchmarks/train_phantom_model.sh")
         print(DEFAULT_MODEL_NOTE)
         model = DEFAULT_MODEL
+    if os.path.isfile(os.path.join(model, "pipeline.json")) and not has_text_encoder(model) \
+            and any(p.strip() for p in prompts):
+        raise ValueError(f"{model} has no text encoder (clip/): it only samples unconditionally (--prompt '' "
+                         f"--unconditional); to use prompts, convert it with --clip and --tokenizer")
+    return model
+
+
+def show_step(bar, step: int, steps: int) -> None:
+    """Advance the bar; after a volume's last step it says that the VAE decode (minutes at full size) runs."""
+    bar.update(1)
+    bar.set_postfix_str("decoding" if step == steps else "", refresh=step == steps)
+
+
+def run(args: argparse.Namespace) -> None:
+    start = time.perf_counter()
+    prompts = read_prompts(args)
+    outputs = check_outputs(args, len(prompts))
+    check_numbers(args, len(prompts))
+    slab = parse_slab(args.decode_slab)
+    device, dtype = pick_device(args)
+    model = pick_model(args.model, prompts)
     pipe = Text2CTPipeline.from_pretrained(model, device=device, dtype=dtype)
     size = pipe.check_size(args.size or pipe.config.size)
     spacing = pipe.check_spacing(args.spacing or pipe.config.spacing)
@@ -148,7 +191,7 @@ def run(args: argparse.Namespace) -> None:
         volume = pipe(prompt, steps=steps, guidance=args.guidance, seed=args.seed + i, size=size,
                       spacing=spacing, allow_empty=args.unconditional, decode_slab=slab,
                       decode_host_memory=args.decode_host_memory, decode_storage=args.decode_storage,
-                      progress=(lambda *_: bar.update(1)) if bar is not None else None)[0]
+                      progress=partial(show_step, bar) if bar is not None else None)[0]
         save_nifti(volume, spacing, nii, overwrite=args.force)
         if png:
             save_preview(volume, spacing, png, overwrite=args.force, window=tuple(pipe.config.hu_window))
@@ -164,7 +207,7 @@ def run(args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    return run_guarded(lambda: run(args))
+    return run_guarded(lambda: run(args), oom_hint="try a smaller --size or --decode-slab")
 
 
 if __name__ == "__main__":

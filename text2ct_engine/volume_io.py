@@ -12,24 +12,29 @@ import numpy as np
 import torch
 
 from .data.nifti import write_volume
-from .io_utils import atomic_path
+from .io_utils import atomic_path, check_creatable
 
 
 def check_writable(path: str | os.PathLike, overwrite: bool) -> str:
     """Raise ``ValueError`` (one line) unless ``path`` can be written now; returns it as a string."""
     path = os.fspath(path)
+    if os.path.isdir(path):
+        raise ValueError(f"{path} is a directory: give a file path")
     if os.path.exists(path) and not overwrite:
         raise ValueError(f"{path} already exists: choose another path or pass --force to overwrite")
     folder = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(folder):
         raise ValueError(f"cannot write {path}: folder {folder} does not exist")
-    if not os.access(folder, os.W_OK):
-        raise ValueError(f"cannot write {path}: folder {folder} is not writable")
+    check_creatable(path)
     return path
 
 
+def _as_array(volume: torch.Tensor | np.ndarray) -> np.ndarray:
+    return volume.detach().cpu().numpy() if isinstance(volume, torch.Tensor) else np.asarray(volume)
+
+
 def to_int16_hu(volume: torch.Tensor | np.ndarray) -> np.ndarray:
-    arr = volume.detach().cpu().numpy() if isinstance(volume, torch.Tensor) else np.asarray(volume)
+    arr = _as_array(volume)
     return np.clip(np.rint(arr), -32768, 32767).astype(np.int16)
 
 
@@ -37,7 +42,10 @@ def save_nifti(volume: torch.Tensor | np.ndarray, spacing: Sequence[float], path
                overwrite: bool = False) -> str:
     """Write an (X, Y, Z) HU volume as int16 NIfTI (``.nii`` or ``.nii.gz``) with affine diag(spacing)."""
     path = check_writable(path, overwrite)
-    data = to_int16_hu(volume)
+    arr = _as_array(volume)
+    if not np.isfinite(arr).all():
+        raise ValueError(f"not writing {path}: the volume holds NaN or infinite values")
+    data = to_int16_hu(arr)
     if data.ndim != 3:
         raise ValueError(f"a volume must be 3-D (X, Y, Z), got shape {data.shape}")
     write_volume(path, data, np.diag([*map(float, spacing), 1.0]))

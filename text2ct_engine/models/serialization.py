@@ -12,6 +12,7 @@ import os
 from typing import Any, Mapping
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from ..io_utils import atomic_path, read_json_object, write_json
@@ -43,6 +44,14 @@ def strict_load(module: torch.nn.Module, state_dict: Mapping[str, torch.Tensor],
     if parts:
         raise ValueError(f"{what} does not fit {type(module).__name__} with this configuration: {'; '.join(parts)}")
     module.load_state_dict(state_dict, strict=True, assign=any(p.is_meta for p in own.values()))
+
+
+def read_weights(path: str, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+    """The tensors of a ``.safetensors`` file; a corrupt or truncated file is a one-line ``ValueError``."""
+    try:
+        return load_file(path, device=str(device))
+    except SafetensorError as err:
+        raise ValueError(f"{path} is corrupt or truncated ({err}): copy or convert the model again") from None
 
 
 class PretrainedMixin:
@@ -106,7 +115,7 @@ class PretrainedMixin:
         path = os.path.join(directory, WEIGHTS_NAME)
         if not os.path.isfile(path):
             raise ValueError(f"{path} is missing: the model directory has no weights")
-        config, state = cls.select_weights(config, load_file(path, device=str(device)))
+        config, state = cls.select_weights(config, read_weights(path, device))
         with torch.device("meta"):
             model = cls(config)
         strict_load(model, state, path)

@@ -52,6 +52,17 @@ def _cpu_tag() -> str:
     return hashlib.sha1(flags.encode()).hexdigest()[:8]
 
 
+def build_dir(name: str) -> Path:
+    """The folder ``cpp_extension.load`` builds extension ``name`` in (``<root>/py311_cpu/<name>`` in recent
+    torch, ``<root>/<name>`` in older ones): asked of torch where it can tell, else torch's documented rule."""
+    from torch.utils import cpp_extension
+    try:
+        return Path(cpp_extension._get_build_directory(name, verbose=False))
+    except Exception:  # noqa: BLE001 - a private helper: gone or changed in this torch
+        root = os.environ.get("TORCH_EXTENSIONS_DIR") or cpp_extension.get_default_build_root()
+        return Path(root) / name
+
+
 def _build() -> ModuleType:
     src = source_dir()
     if src is None:
@@ -59,9 +70,9 @@ def _build() -> ModuleType:
     from torch.utils import cpp_extension
     flags = ["-O3", "-fopenmp", "-march=native", "-fno-math-errno", "-fno-trapping-math"]
     name = f"{_NAME}_{_cpu_tag()}"
-    root = os.environ.get("TORCH_EXTENSIONS_DIR") or cpp_extension.get_default_build_root()
-    if not (Path(root) / name / f"{name}.so").is_file():  # a first run stalls for the build: say why
-        print(f"text2ct_engine: building the C++ CPU kernels once (~30 s; cached in {root})", file=sys.stderr,
+    folder = build_dir(name)
+    if not (folder / f"{name}.so").is_file():  # a first run stalls for the build: say why
+        print(f"text2ct_engine: building the C++ CPU kernels once (~30 s; cached in {folder})", file=sys.stderr,
               flush=True)
     return cpp_extension.load(name=name, sources=[str(src / "group_norm.cpp")], extra_cflags=flags,
                               extra_ldflags=["-fopenmp"], verbose=False)
