@@ -272,3 +272,25 @@ def test_prompt_manifest_csv_gives_prompts_and_labels(work, tmp_path):
     (gen / "prompts.csv").write_text("file,prompt,Cardiomegaly\nct_000.nii.gz,x,1\n", encoding="utf-8")
     with pytest.raises(ValueError, match="give all 18 or none"):
         open_set(str(gen), "--generated")
+
+
+def test_volume_input_takes_the_size_the_clip_was_trained_at(work):
+    model, _ = load_clip(str(work / "clip"))
+    assert tuple(model.config.vision_config.image_size[::-1]) == TINY
+    recorded = {"size": [32, 32, 16], "spacing": None, "resize": "resize"}  # train clip --init --size 32 32 16
+    assert volume_input(model, recorded=recorded) == VolumeInput((32, 32, 16), None, "resize")
+    with pytest.raises(ValueError, match=r"records size \[32, 30, 16\]: it must be three multiples of the volume "
+                                         r"tower's patch \(8, 8, 4\)"):
+        volume_input(model, recorded={"size": [32, 30, 16]})
+
+
+def test_json_target_is_checked_before_any_work(tmp_path, capsys):
+    make_dataset(str(tmp_path / "set"), 2, TINY, spacing=(24.0, 24.0, 48.0), seed=2, progress=False)
+    base = ["--generated", str(tmp_path / "set"), "--real", str(tmp_path / "set"), "--metrics", "hist"]
+    assert "is a directory" in _error_line(capsys, [*base, "--json", str(tmp_path)])
+    out = tmp_path / "eval.json"
+    out.write_text("keep")
+    assert "exists: pass --force" in _error_line(capsys, [*base, "--json", str(out)])
+    assert out.read_text() == "keep"
+    assert evaluate_main([*base, "--json", str(out), "--force", "--no-progress"]) == 0
+    assert json.loads(out.read_text())["metrics"]["hist"]["wasserstein1_hu"] == 0.0

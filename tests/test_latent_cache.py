@@ -109,3 +109,49 @@ def test_cache_cli_with_the_engine_vae(data_root, tmp_path, capsys):
     lc = LatentCacheDataset(out)
     assert len(lc) == 5 and lc[0]["mu"].shape == (4, 8, 8, 4) and lc[0]["sigma"] is not None
     assert "5 latents" in capsys.readouterr().out
+
+
+def test_cache_refuses_another_split_or_data_folder(data_root, tmp_path):
+    import shutil
+
+    out = str(tmp_path / "c")
+    build_latent_cache(_ds(data_root), TinyVAE(), out, dtype=torch.float32, progress=False)
+    make_dataset(str(tmp_path / "v"), n=2, size=(32, 32, 16), seed=5, split="valid", progress=False)
+    shutil.copytree(data_root, tmp_path / "copy")  # the same names, another data set
+    with pytest.raises(DataError, match="split: 'train' there, 'valid' here"):
+        build_latent_cache(_ds(str(tmp_path / "v"), split="valid"), TinyVAE(), out, dtype=torch.float32,
+                           progress=False)
+    with pytest.raises(DataError, match="data: .* there, .*copy/dataset' here"):
+        build_latent_cache(_ds(str(tmp_path / "copy")), TinyVAE(), out, dtype=torch.float32, progress=False)
+    other_weights = TinyVAE()
+    with torch.no_grad():
+        other_weights.conv.bias.add_(1.0)
+    with pytest.raises(DataError, match="vae_weights"):
+        build_latent_cache(_ds(data_root), other_weights, out, dtype=torch.float32, progress=False)
+    assert len(json.load(open(os.path.join(out, INDEX)))["entries"]) == 5  # nothing was added
+    build_latent_cache(_ds(os.path.join(data_root, "dataset")), TinyVAE(), out, dtype=torch.float32,
+                       progress=False)  # the same folder, named through dataset/: the same cache
+
+
+def test_sampled_latents_depend_only_on_the_seed(data_root, tmp_path):
+    out = str(tmp_path / "c")
+    build_latent_cache(_ds(data_root), TinyVAE(), out, dtype=torch.float32, progress=False)
+    torch.manual_seed(0)
+    a = LatentCacheDataset(out, sample=True, seed=3)[1]["latent"]
+    torch.manual_seed(1)  # the global RNG plays no part
+    b = LatentCacheDataset(out, sample=True, seed=3)[1]["latent"]
+    c = LatentCacheDataset(out, sample=True, seed=4)[1]["latent"]
+    assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+def test_cache_cli_refuses_a_size_the_vae_cannot_encode_whole(data_root, tmp_path, capsys):
+    from text2ct_engine.models import AutoencoderKL
+
+    AutoencoderKL(num_channels=[8, 8, 8], num_res_blocks=[1, 1, 1], norm_num_groups=4).save_pretrained(
+        str(tmp_path / "vae"))
+    argv = ["--data", data_root, "--vae", str(tmp_path / "vae"), "--out", str(tmp_path / "c"), "--size", "30", "30",
+            "14", "--spacing", "12", "12", "24", "--device", "cpu"]
+    assert main(argv) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "multiples of the VAE's downsampling factor 4" in err[0] and "28 28 12" in err[0]
+    assert not os.path.exists(tmp_path / "c" / INDEX)

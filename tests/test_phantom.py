@@ -174,3 +174,50 @@ def test_cli_writes_and_force_rewrites(tmp_path, capsys):
     assert main(["--n", "1", "--size", "32", "32", "16", "--out", out, "--quiet", "--force", "--seed", "3"]) == 0
     vols = [f for _, _, fs in os.walk(os.path.join(out, "dataset", "train_fixed")) for f in fs]
     assert vols == ["train_1_a_1.nii.gz"]  # the stale second volume of the first run is gone
+
+
+def _tree(root):
+    """{relative path: bytes} of every file under ``root``."""
+    out = {}
+    for folder, _, files in os.walk(root):
+        for f in files:
+            path = os.path.join(folder, f)
+            with open(path, "rb") as fh:
+                out[os.path.relpath(path, root)] = fh.read()
+    return out
+
+
+def test_interrupted_force_rewrite_leaves_the_previous_data_set_whole(tmp_path, monkeypatch):
+    import text2ct_engine.data.phantom as phantom
+
+    out = str(tmp_path / "d")
+    make_dataset(out, n=2, size=(16, 16, 8), seed=1, progress=False)
+    before = _tree(out)
+    make_one = phantom._make_one
+
+    def stop_at_the_second(job):
+        if job.index == 1:  # the first new volume is written, then the run is stopped
+            raise KeyboardInterrupt
+        return make_one(job)
+
+    monkeypatch.setattr(phantom, "_make_one", stop_at_the_second)
+    with pytest.raises(KeyboardInterrupt):
+        make_dataset(out, n=3, size=(16, 16, 8), seed=7, force=True, progress=False)
+    monkeypatch.undo()
+    assert _tree(out) == before  # old volumes with their own CSVs, no new volume, no staging folder left
+    assert sorted(os.listdir(os.path.join(out, "dataset"))) == [".text2ct_phantom", "metadata",
+                                                                "multi_abnormality_labels", "radiology_text_reports",
+                                                                "train_fixed"]
+    make_dataset(out, n=3, size=(16, 16, 8), seed=7, force=True, progress=False)
+    fresh = str(tmp_path / "fresh")
+    make_dataset(fresh, n=3, size=(16, 16, 8), seed=7, workers=2, progress=False)
+    assert _tree(out) == _tree(fresh)  # a rewrite is byte for byte a fresh run, for any worker count
+
+
+def test_force_does_not_replace_volumes_another_tool_wrote(tmp_path):
+    foreign = tmp_path / "d" / "dataset" / "train_fixed"
+    foreign.mkdir(parents=True)
+    (foreign / "scan.nii.gz").write_bytes(b"x")
+    with pytest.raises(FileExistsError, match="was not written by this tool"):
+        make_dataset(str(tmp_path / "d"), n=1, size=(16, 16, 8), force=True, progress=False)
+    assert (foreign / "scan.nii.gz").read_bytes() == b"x"

@@ -177,3 +177,13 @@ def test_bad_tokenizer_files(tmp_path):
     (tmp_path / "broken.json").write_text("{")
     with pytest.raises(ValueError, match="not a valid tokenizer.json"):
         CLIPTokenizer.from_file(tmp_path / "broken.json")
+
+
+@pytest.mark.parametrize("name", ["latin1.txt", "latin1.csv"])
+def test_cli_names_a_corpus_file_that_is_not_utf8(tmp_path, capsys, name):
+    bad = tmp_path / name
+    bad.write_bytes("text\nPleurale Ergüsse beidseits.\n".encode("latin-1"))
+    assert main(["train", "--corpus", str(bad), "--vocab-size", "300", "--out", str(tmp_path / "t.json")]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"error: corpus file {bad} is not UTF-8 text (byte 0xfc")
+    assert err[0].endswith("save it as UTF-8") and not (tmp_path / "t.json").exists()

@@ -112,8 +112,13 @@ class Interrupted(Exception):
     pass
 
 
+def log_rows(run, name):
+    return [{k: v for k, v in json.loads(line).items() if k != "seconds"}
+            for line in (run / name).read_text().splitlines()]
+
+
 def test_resume_after_an_interruption_is_exact(data, tmp_path):
-    straight, _, _ = run_api(data, tmp_path / "a", 6, save_every=3)  # cosine schedule over 6 steps
+    straight, _, _ = run_api(data, tmp_path / "a", 6, save_every=3, eval_every=2)  # cosine schedule over 6 steps
 
     def crash(message):
         if message.startswith("step 5/"):  # after the step-3 checkpoint, before the next one
@@ -121,10 +126,11 @@ def test_resume_after_an_interruption_is_exact(data, tmp_path):
 
     train, held = held_out_split(str(data / "data"), SIZE, None, "resize", 2)
     tok = CLIPTokenizer.from_file(data / "tokenizer.json")
-    cfg = CLIPTrainConfig(**TRAIN, steps=6, save_every=3)
+    cfg = CLIPTrainConfig(**TRAIN, steps=6, save_every=3, eval_every=2)
     with pytest.raises(Interrupted):
         train_clip(fresh_clip(tok, SIZE, MODEL, seed=0), tok, train, cfg, str(tmp_path / "b"), held,
                    collate_fn=collate, log=crash)
+    assert [r["step"] for r in log_rows(tmp_path / "b", "eval.jsonl")] == [2, 4]  # step 4: after the checkpoint
     with pytest.raises(ValueError, match="--resume"):
         train_clip(fresh_clip(tok, SIZE, MODEL), tok, train, cfg, str(tmp_path / "b"), held, collate_fn=collate)
     resumed = CLIP3D.from_pretrained(tmp_path / "b" / "checkpoint")  # the checkpoint is a CLIP3D directory
@@ -132,6 +138,11 @@ def test_resume_after_an_interruption_is_exact(data, tmp_path):
                log=lambda _: None)
     for k, v in straight.state_dict().items():
         assert torch.equal(resumed.state_dict()[k], v), k
+    for name in ("loss.jsonl", "eval.jsonl"):  # rows past the checkpoint dropped, not repeated
+        assert log_rows(tmp_path / "b", name) == log_rows(tmp_path / "a", name)
+    with pytest.raises(ValueError, match="other settings than the run started with \\(steps 6 -> 8"):
+        train_clip(resumed, tok, train, CLIPTrainConfig(**TRAIN, steps=8, save_every=3, eval_every=2),
+                   str(tmp_path / "b"), held, resume=True, collate_fn=collate)  # cosine: steps set the schedule
 
 
 def test_cli_trains_extends_and_resumes(data, tmp_path, capsys):
@@ -151,20 +162,27 @@ def test_cli_trains_extends_and_resumes(data, tmp_path, capsys):
         == [1, 2, 3, 4, 5, 6]
 
 
-@pytest.mark.parametrize("case", ["no_data", "no_tokenizer", "bad_config", "bad_size"])
+@pytest.mark.parametrize("case", ["no_data", "no_tokenizer", "bad_config", "bad_size", "bad_type", "bad_triple",
+                                  "zero_interval"])
 def test_cli_bad_input_is_one_line(case, data, tmp_path, capsys):
-    config = {"model": MODEL, "eval_size": 2, **({"bogus": 1} if case == "bad_config" else {})}
+    wrong = {"bad_config": {"bogus": 1}, "bad_type": {"steps": "abc"}, "bad_triple": {"spacing": [1, 2]}}
+    config = {"model": MODEL, "eval_size": 2, **wrong.get(case, {})}
     (tmp_path / "c.json").write_text(json.dumps(config))
     args = ["clip", "--data", str(data / "data"), "--out", str(tmp_path / "run"), "--tokenizer",
             str(data / "tokenizer.json"), "--config", str(tmp_path / "c.json"), "--size", *map(str, SIZE)]
     expected = {"no_data": "data directory", "no_tokenizer": "no such tokenizer file", "bad_config": "bogus",
-                "bad_size": "multiple of the volume tower's patch"}[case]
+                "bad_size": "multiple of the volume tower's patch",
+                "bad_type": "steps must be a whole number, got 'abc'",
+                "bad_triple": "spacing must be a list of 3 numbers",
+                "zero_interval": "eval_every (--eval-every) must be at least 1"}[case]
     if case == "no_data":
         args[2] = str(tmp_path / "missing")
     elif case == "no_tokenizer":
         args[6] = str(tmp_path / "missing.json")
     elif case == "bad_size":
         args[-3:] = ["16", "12", "8"]
+    elif case == "zero_interval":
+        args += ["--eval-every", "0"]
     assert train_main(args) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: ") and expected in err[0], err

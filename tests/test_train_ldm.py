@@ -110,3 +110,117 @@ def test_ema_and_scale_factor():
     assert compute_scale_factor(lat) == pytest.approx(1 / lat.std().item())
     with pytest.raises(ValueError, match="no spread"):
         compute_scale_factor(torch.zeros(10))
+
+
+class SigmaLatentSet(LatentSet):
+    """Cached-latent items: the mean and a sigma, so every step draws a fresh latent."""
+
+    def __getitem__(self, i):
+        return {**super().__getitem__(i), "sigma": torch.full((4, 4, 4, 2), 0.5)}
+
+
+def quiet(_):
+    pass
+
+
+def rows_of(run_dir):
+    """loss.jsonl rows without the wall-clock seconds."""
+    return [{k: v for k, v in json.loads(line).items() if k != "seconds"}
+            for line in (run_dir / "loss.jsonl").read_text().splitlines()]
+
+
+def weights(run_dir):
+    from safetensors.torch import load_file
+    return load_file(run_dir / "checkpoint" / "model.safetensors")
+
+
+def assert_same_weights(a, b):
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_sampled_latents_are_drawn_from_the_step_seed(tmp_path):
+    from text2ct_engine.train.ldm import draw_latents
+    batch = {"latent": torch.zeros(2, 4, 4, 4, 2), "sigma": torch.full((2, 4, 4, 4, 2), 2.0)}
+    a = draw_latents(batch, torch.Generator().manual_seed(5), torch.device("cpu"))
+    b = draw_latents(batch, torch.Generator().manual_seed(5), torch.device("cpu"))
+    assert torch.equal(a, b) and torch.equal(a, 2.0 * torch.randn(a.shape, generator=torch.Generator().manual_seed(5)))
+    torch.manual_seed(0)  # the global RNG plays no part
+    for name in ("a", "b"):
+        train_ldm(tiny_text_pipeline(), SigmaLatentSet(), config(steps=4), str(tmp_path / name), log=quiet)
+    assert rows_of(tmp_path / "a") == rows_of(tmp_path / "b")
+    assert_same_weights(weights(tmp_path / "a"), weights(tmp_path / "b"))
+    straight = tiny_text_pipeline()  # the noise is drawn: not the run on the means
+    train_ldm(straight, LatentSet(), config(steps=4), str(tmp_path / "mean"), log=quiet)
+    assert rows_of(tmp_path / "mean") != rows_of(tmp_path / "a")
+
+
+class Interrupted(Exception):
+    pass
+
+
+def crash_at(step):
+    def log(message):
+        if message.startswith(f"step {step}/"):
+            raise Interrupted
+    return log
+
+
+def test_resume_after_an_interruption_keeps_the_log_exact(tmp_path):
+    train_ldm(tiny_text_pipeline(), SigmaLatentSet(), config(), str(tmp_path / "a"), log=quiet)
+    with pytest.raises(Interrupted):  # after the step-3 checkpoint, with steps 4 and 5 logged
+        train_ldm(tiny_text_pipeline(), SigmaLatentSet(), config(), str(tmp_path / "b"), log=crash_at(5))
+    assert [r["step"] for r in rows_of(tmp_path / "b")] == [1, 2, 3, 4, 5]
+    train_ldm(tiny_text_pipeline(), SigmaLatentSet(), config(), str(tmp_path / "b"), resume=True, log=quiet)
+    assert rows_of(tmp_path / "b") == rows_of(tmp_path / "a")  # steps 4 and 5 once, as in the straight run
+    assert_same_weights(weights(tmp_path / "a"), weights(tmp_path / "b"))
+    # a run that died before its first checkpoint: the next one starts a fresh log
+    with pytest.raises(Interrupted):
+        train_ldm(tiny_text_pipeline(), SigmaLatentSet(), config(), str(tmp_path / "c"), log=crash_at(2))
+    assert not (tmp_path / "c" / "checkpoint").exists()
+    train_ldm(tiny_text_pipeline(), SigmaLatentSet(), config(), str(tmp_path / "c"), log=quiet)
+    assert rows_of(tmp_path / "c") == rows_of(tmp_path / "a")
+
+
+def test_a_failed_save_leaves_the_previous_checkpoint_whole(tmp_path, monkeypatch):
+    import text2ct_engine.train.common as common
+
+    train_ldm(tiny_text_pipeline(), SigmaLatentSet(), config(), str(tmp_path / "a"), log=quiet)
+    train_ldm(tiny_text_pipeline(), SigmaLatentSet(), config(steps=3), str(tmp_path / "three"), log=quiet)
+    write_json = common.write_json
+
+    def fail_at_step_6(path, obj):  # the weights and optimizer of step 6 are written, then the save dies
+        if obj.get("step") == 6:
+            raise Interrupted
+        write_json(path, obj)
+
+    monkeypatch.setattr(common, "write_json", fail_at_step_6)
+    with pytest.raises(Interrupted):
+        train_ldm(tiny_text_pipeline(), SigmaLatentSet(), config(), str(tmp_path / "b"), log=quiet)
+    monkeypatch.undo()
+    ckpt = tmp_path / "b" / "checkpoint"
+    assert json.loads((ckpt / "state.json").read_text())["step"] == 3
+    assert_same_weights(weights(tmp_path / "b"), weights(tmp_path / "three"))  # not step 6's weights
+    assert sorted(p.name for p in (tmp_path / "b").iterdir()) == ["checkpoint", "loss.jsonl"]  # no leftovers
+    train_ldm(tiny_text_pipeline(), SigmaLatentSet(), config(), str(tmp_path / "b"), resume=True, log=quiet)
+    assert_same_weights(weights(tmp_path / "a"), weights(tmp_path / "b"))
+
+
+def test_resume_refuses_settings_that_change_the_math(tmp_path):
+    train_ldm(tiny_text_pipeline(), LatentSet(), config(steps=3), str(tmp_path), log=quiet)
+    for changed in (dict(lr=1e-3), dict(batch_size=1), dict(seed=1)):
+        with pytest.raises(ValueError, match=f"other settings than the run started with \\({next(iter(changed))}"):
+            train_ldm(tiny_text_pipeline(), LatentSet(), config(steps=6, **changed), str(tmp_path), resume=True,
+                      log=quiet)
+    with pytest.raises(ValueError, match="scale_factor 0.8 -> 0.5"):
+        train_ldm(tiny_text_pipeline(scale_factor=0.5), LatentSet(), config(steps=6), str(tmp_path), resume=True,
+                  log=quiet)
+    train_ldm(tiny_text_pipeline(), LatentSet(), config(steps=6, log_every=2, save_every=6), str(tmp_path),
+              resume=True, log=quiet)  # more steps, other intervals: fine
+    assert json.loads((tmp_path / "checkpoint" / "state.json").read_text())["step"] == 6
+
+
+@pytest.mark.parametrize("field", ["log_every", "save_every"])
+def test_zero_intervals_are_refused_before_training(field, tmp_path):
+    with pytest.raises(ValueError, match=f"{field} \\(--{field.replace('_', '-')}\\) must be at least 1, got 0"):
+        train_ldm(tiny_text_pipeline(), LatentSet(), config(**{field: 0}), str(tmp_path / "run"), log=quiet)
+    assert not (tmp_path / "run").exists()

@@ -152,8 +152,47 @@ def test_cli_trains_fine_tunes_and_reports_bad_input(phantoms, tmp_path, capsys)
         base + tiny + ["--init", str(tmp_path / "run" / "model"), "--out", str(tmp_path / "r3")],
         base + ["--init", str(tmp_path / "missing"), "--out", str(tmp_path / "r4")],
         base + tiny + ["--patch-size", "48", "48", "16", "--out", str(tmp_path / "r5")],
+        base + tiny + ["--latent-channels", "0", "--out", str(tmp_path / "r6")],
+        base + tiny + ["--eval-every", "0", "--out", str(tmp_path / "r7")],
     ]
     for wrong in bad:
         assert train_main(wrong) == 2, wrong
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and err[0].startswith("error: "), err
+    assert "--latent-channels must be at least 1, got 0" in err_of(bad[-2], capsys)
+    assert not (tmp_path / "r6").exists()
+
+
+def err_of(argv, capsys):
+    assert train_main(argv) == 2
+    return capsys.readouterr().err
+
+
+class Interrupted(Exception):
+    pass
+
+
+def test_interrupted_run_resumes_with_an_exact_log_and_checkpoint(phantoms, tmp_path):
+    from safetensors.torch import load_file
+
+    data = dataset(phantoms)
+    held = [data[4]["volume"]]
+    cfg = config(adv_weight=0.1, adv_start=2, eval_every=2)
+
+    def crash(message):
+        if message.startswith("step 5/"):  # after the step-3 checkpoint and the step-4 held-out score
+            raise Interrupted
+
+    train_vae(tiny_vae(), data, cfg, str(tmp_path / "a"), held, log=quiet)
+    with pytest.raises(Interrupted):
+        train_vae(tiny_vae(), data, cfg, str(tmp_path / "b"), held, log=crash)
+    train_vae(tiny_vae(), data, cfg, str(tmp_path / "b"), held, resume=True, log=quiet)
+    rows = [[{k: v for k, v in json.loads(line).items() if k != "seconds"}
+             for line in (tmp_path / run / "loss.jsonl").read_text().splitlines()] for run in "ab"]
+    assert rows[0] == rows[1] and [r["step"] for r in rows[1] if "val_psnr" in r] == [2, 4, 6]
+    for name in ("model.safetensors", "discriminator/model.safetensors"):
+        a, b = (load_file(tmp_path / run / "checkpoint" / name) for run in "ab")
+        assert all(torch.equal(a[k], b[k]) for k in a)
+    with pytest.raises(ValueError, match="other settings than the run started with \\(kl_weight"):
+        train_vae(tiny_vae(), data, config(**{**vars(cfg), "kl_weight": 1e-3}), str(tmp_path / "b"), held,
+                  resume=True, log=quiet)

@@ -239,30 +239,36 @@ _TEXT_COLUMNS = ("text", "report", "prompt")
 
 
 def read_corpus(paths: Sequence[str | os.PathLike]) -> list[str]:
-    """Reports from CSV files (CT-RATE columns or a text column) and text files (one report per line)."""
+    """Reports from CSV files (CT-RATE columns or a text column) and text files (one report per line), UTF-8;
+    a file that is not is a one-line ``ValueError`` naming it."""
     texts: list[str] = []
     for p in paths:
-        path = Path(p)
-        if not path.is_file():
-            raise FileNotFoundError(f"corpus file not found: {path}")
-        if path.suffix.lower() == ".csv":
-            with open(path, newline="", encoding="utf-8") as f:
-                reader = csv.DictReader(f)
-                cols = {c.strip(): c for c in (reader.fieldnames or [])}
-                if "Findings_EN" in cols or "Impressions_EN" in cols:
-                    fcol, icol = cols.get("Findings_EN"), cols.get("Impressions_EN")
-                    texts.extend(report_text(row.get(fcol) if fcol else None, row.get(icol) if icol else None)
-                                 for row in reader)
-                else:
-                    col = next((cols[c] for c in cols if c.lower() in _TEXT_COLUMNS), None)
-                    if col is None:
-                        raise ValueError(f"{path}: CSV has no report columns (Findings_EN/Impressions_EN, or one "
-                                         f"of {', '.join(_TEXT_COLUMNS)})")
-                    texts.extend((row.get(col) or "") for row in reader)
-        else:
-            with open(path, encoding="utf-8") as f:
-                texts.extend(line.rstrip("\n") for line in f)
+        try:
+            texts.extend(_read_corpus_file(Path(p)))
+        except UnicodeDecodeError as err:
+            raise ValueError(f"corpus file {p} is not UTF-8 text (byte 0x{err.object[err.start]:02x}: "
+                             f"{err.reason}): save it as UTF-8") from None
     return [t for t in texts if t.strip()]
+
+
+def _read_corpus_file(path: Path) -> list[str]:
+    """The reports of one corpus file (see :func:`read_corpus`)."""
+    if not path.is_file():
+        raise FileNotFoundError(f"corpus file not found: {path}")
+    if path.suffix.lower() != ".csv":
+        with open(path, encoding="utf-8") as f:
+            return [line.rstrip("\n") for line in f]
+    with open(path, newline="", encoding="utf-8") as f:
+        reader = csv.DictReader(f)
+        cols = {c.strip(): c for c in (reader.fieldnames or [])}
+        if "Findings_EN" in cols or "Impressions_EN" in cols:
+            fcol, icol = cols.get("Findings_EN"), cols.get("Impressions_EN")
+            return [report_text(row.get(fcol) if fcol else None, row.get(icol) if icol else None) for row in reader]
+        col = next((cols[c] for c in cols if c.lower() in _TEXT_COLUMNS), None)
+        if col is None:
+            raise ValueError(f"{path}: CSV has no report columns (Findings_EN/Impressions_EN, or one "
+                             f"of {', '.join(_TEXT_COLUMNS)})")
+        return [(row.get(col) or "") for row in reader]
 
 
 class _OneLineParser(argparse.ArgumentParser):

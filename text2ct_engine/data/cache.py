@@ -8,8 +8,10 @@ Layout of a cache directory::
 
 Shards and the index are written atomically (temp file + rename), the index after each shard, so an
 interrupted run loses at most the shard in progress; running again resumes with the volumes not yet in the
-index. The VAE is any module with ``encode(x) -> (mu, sigma)`` (the engine's :class:`AutoencoderKL`);
-latents are stored unscaled (the diffusion trainer applies ``scale_factor``).
+index. The index records the split, the data set's folder, the preprocessing and the VAE (its path and a
+digest of its weights): a cache made with other settings is refused rather than mixed. The VAE is any
+module with ``encode(x) -> (mu, sigma)`` (the engine's :class:`AutoencoderKL`); latents are stored unscaled
+(the diffusion trainer applies ``scale_factor``).
 
 CLI::
 
@@ -19,6 +21,7 @@ CLI::
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import sys
@@ -30,7 +33,7 @@ from safetensors.torch import save_file
 from torch.utils.data import DataLoader, Dataset
 
 from ..io_utils import atomic_path, write_json
-from .ctrate import CTRATEDataset, collate
+from .ctrate import CTRATEDataset, collate, dataset_root
 from .errors import BadDataError, DataError
 from .labels import CTRATE_LABELS
 
@@ -49,10 +52,31 @@ def load_index(out_dir: str) -> dict | None:
     return idx
 
 
-def cache_config(ds: CTRATEDataset, vae_name: str, dtype: torch.dtype) -> dict:
-    return {"target_spacing": ds.target_spacing, "target_size": ds.target_size, "mode": ds.mode,
-            "window": list(ds.window), "vae": vae_name, "dtype": str(dtype).replace("torch.", ""),
-            "labels": list(CTRATE_LABELS)}
+def module_digest(module: torch.nn.Module) -> str:
+    """SHA-256 of a module's state dict (names, dtypes, shapes and bytes): the same weights, the same digest."""
+    h = hashlib.sha256()
+    for name, t in sorted(module.state_dict().items()):
+        t = t.detach().cpu().contiguous()
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def cache_config(ds: CTRATEDataset, vae_name: str, dtype: torch.dtype, vae_weights: str = "") -> dict:
+    """What a cache's latents depend on: split, data folder, preprocessing, VAE (name and weights), dtype."""
+    return {"split": ds.split, "data": os.path.realpath(dataset_root(ds.root)),
+            "target_spacing": ds.target_spacing, "target_size": ds.target_size, "mode": ds.mode,
+            "window": list(ds.window), "vae": vae_name, "vae_weights": vae_weights,
+            "dtype": str(dtype).replace("torch.", ""), "labels": list(CTRATE_LABELS)}
+
+
+def _check_same_config(out_dir: str, have: dict, want: dict) -> None:
+    """One-line ``DataError`` naming the settings in which the cache ``out_dir`` differs from this run's."""
+    have, want = json.loads(json.dumps(have)), json.loads(json.dumps(want))
+    changed = [k for k in sorted(set(have) | set(want)) if have.get(k) != want.get(k)]
+    if changed:
+        diff = "; ".join(f"{k}: {have.get(k)!r} there, {want.get(k)!r} here" for k in changed if k != "labels")
+        raise DataError(f"{out_dir} holds a cache made with other settings ({diff or 'labels'}); use another --out")
 
 
 @torch.no_grad()
@@ -61,17 +85,17 @@ def build_latent_cache(dataset: CTRATEDataset, vae: torch.nn.Module, out_dir: st
                        workers: int = 0, vae_name: str = "", progress: bool = True) -> dict:
     """Encode the volumes of ``dataset`` not yet in ``out_dir``'s index; returns the index.
 
-    A cache built with other preprocessing or another VAE name is refused (``DataError``) rather than mixed.
+    A cache built from another split or data folder, with other preprocessing or another VAE (name or
+    weights) is refused (``DataError``) rather than mixed.
     Bad volumes are skipped and listed under ``skipped`` (or raise with ``dataset.strict``).
     """
     from tqdm import tqdm
 
     os.makedirs(out_dir, exist_ok=True)
-    config = cache_config(dataset, vae_name, dtype)
+    config = cache_config(dataset, vae_name, dtype, module_digest(vae))
     idx = load_index(out_dir) or {"format": FORMAT, "version": 1, "config": config, "shards": [], "entries": {},
                                   "skipped": []}
-    if json.loads(json.dumps(idx["config"])) != json.loads(json.dumps(config)):
-        raise DataError(f"{out_dir} holds a cache made with other settings ({idx['config']}); use another --out")
+    _check_same_config(out_dir, idx["config"], config)
     done = set(idx["entries"])
     todo = [i for i, r in enumerate(dataset.records) if r.name not in done]
     if not todo:
@@ -139,14 +163,15 @@ class _Subset(Dataset):
 class LatentCacheDataset(Dataset):
     """Samples of a latent cache: ``mu``, ``sigma`` (or None), ``text``, ``labels``, ``spacing``, ``name``.
 
-    ``sample=True`` returns ``latent`` = mu + sigma * eps (a fresh draw each time) instead of mu.
+    ``sample=True`` adds ``latent`` = mu + sigma * eps, eps drawn from a generator seeded with ``(seed, i)``:
+    the same draw for the same seed and item (a trainer that wants a fresh draw per step draws eps itself).
     """
 
-    def __init__(self, cache_dir: str, sample: bool = False):
+    def __init__(self, cache_dir: str, sample: bool = False, seed: int = 0):
         idx = load_index(cache_dir)
         if idx is None:
             raise DataError(f"{cache_dir} has no {INDEX}: not a latent cache")
-        self.dir, self.sample = cache_dir, sample
+        self.dir, self.sample, self.seed = cache_dir, sample, seed
         self.config = idx["config"]
         self.names = sorted(idx["entries"])
         self.entries = idx["entries"]
@@ -170,7 +195,8 @@ class LatentCacheDataset(Dataset):
                "labels": torch.tensor(e["labels"], dtype=torch.float32) if e.get("labels") is not None else None,
                "mu": mu, "sigma": sigma}
         if self.sample:
-            out["latent"] = mu + (sigma if sigma is not None else 0) * torch.randn_like(mu)
+            generator = torch.Generator().manual_seed(self.seed * 1_000_003 + i)
+            out["latent"] = mu + (sigma if sigma is not None else 0) * torch.randn(mu.shape, generator=generator)
         return out
 
     def __getstate__(self):
@@ -180,12 +206,16 @@ class LatentCacheDataset(Dataset):
 
 
 # ------------------------------------------------------------------------------------------------ CLI
+def vae_dir_of(path: str) -> str:
+    """The VAE directory of a model directory (``DIR/vae``), or ``path`` itself."""
+    return os.path.join(path, "vae") if os.path.isdir(os.path.join(path, "vae")) else path
+
+
 def load_vae(path: str, device: str = "cpu") -> torch.nn.Module:
     """The engine's AutoencoderKL from a model directory (``DIR/vae``) or a VAE directory."""
     from ..models import AutoencoderKL
 
-    d = os.path.join(path, "vae") if os.path.isdir(os.path.join(path, "vae")) else path
-    return AutoencoderKL.from_pretrained(d, device=device)
+    return AutoencoderKL.from_pretrained(vae_dir_of(path), device=device)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -218,6 +248,11 @@ def main(argv: list[str] | None = None) -> int:
         if not len(ds):
             raise DataError(f"no usable volume in {a.data}")
         vae = load_vae(a.vae, a.device)
+        f = vae.config.downsample_factor
+        if any(s % f for s in a.size):
+            raise DataError(f"--size {' '.join(map(str, a.size))} must be multiples of the VAE's downsampling "
+                            f"factor {f} (or volumes lose their last rows): e.g. --size "
+                            f"{' '.join(str(max(f, s // f * f)) for s in a.size)}")
         idx = build_latent_cache(ds, vae, a.out, a.shard_size, a.batch_size, a.device, getattr(torch, a.dtype),
                                  a.workers, vae_name=os.path.abspath(a.vae))
     except (DataError, BadDataError, ValueError, OSError) as e:

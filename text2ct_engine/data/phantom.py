@@ -25,6 +25,7 @@ import multiprocessing as mp
 import os
 import shutil
 import sys
+import tempfile
 from dataclasses import dataclass
 
 import numpy as np
@@ -159,19 +160,35 @@ def write_csv(path: str, rows: list[dict], columns: tuple[str, ...] | list[str])
 def make_dataset(out: str, n: int, size: tuple[int, int, int], spacing: tuple[float, float, float] | None = None,
                  seed: int = 0, workers: int = 1, split: str = "train", force: bool = False,
                  progress: bool = True) -> str:
-    """Write ``n`` phantom studies in CT-RATE's layout under ``out/dataset``; returns that directory."""
-    from tqdm import tqdm
+    """Write ``n`` phantom studies in CT-RATE's layout under ``out/dataset``; returns that directory.
 
+    The volumes are written into a hidden folder and swapped in at the end, the split's CSVs rewritten
+    after them: an interrupted run leaves the previous data set as it was, never new volumes with old CSVs.
+    """
     spacing = spacing or default_spacing(size)
     if os.path.isdir(out) and os.listdir(out) and not force:
         raise FileExistsError(f"output directory {out} is not empty (use --force to write into it)")
     root = os.path.join(out, "dataset")
     vol_dir = os.path.join(root, f"{split}_fixed")
-    if force and os.path.exists(os.path.join(root, MARKER)) and os.path.isdir(vol_dir):
-        shutil.rmtree(vol_dir)  # only ever removes a volume tree this tool wrote before
+    if os.path.isdir(vol_dir) and not os.path.exists(os.path.join(root, MARKER)):
+        raise FileExistsError(f"{vol_dir} was not written by this tool: not replacing it; choose another --out")
     os.makedirs(root, exist_ok=True)
     with open(os.path.join(root, MARKER), "w") as fh:
         fh.write("written by text2ct_engine.data.phantom\n")
+    staging = tempfile.mkdtemp(prefix=".tmp-phantom-", dir=root)
+    try:
+        results = _make_all(staging, n, size, spacing, seed, workers, split, progress)
+        _swap_in(staging, root, split, results)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return root
+
+
+def _make_all(root: str, n: int, size: tuple[int, int, int], spacing: tuple[float, float, float], seed: int,
+              workers: int, split: str, progress: bool) -> list[dict]:
+    """Write the ``n`` volumes under ``root/{split}_fixed``; their CSV rows, in index order."""
+    from tqdm import tqdm
+
     jobs = [_Job(seed, i, tuple(size), tuple(spacing), root, split) for i in range(n)]  # type: ignore[arg-type]
     results: list[dict] = []
     bar = tqdm(total=n, desc="phantoms", unit="vol", disable=not progress)
@@ -186,13 +203,25 @@ def make_dataset(out: str, n: int, size: tuple[int, int, int], spacing: tuple[fl
                 results.append(r)
                 bar.update()
     bar.close()
-    results.sort(key=lambda r: r["index"])
-    rep_csv, lab_csv, meta_csv = _csv_names(split)
-    write_csv(os.path.join(root, "radiology_text_reports", rep_csv), [r["report"] for r in results], REPORT_COLUMNS)
-    write_csv(os.path.join(root, "multi_abnormality_labels", lab_csv), [r["labels"] for r in results],
-              ("VolumeName", *CTRATE_LABELS, *EXTRA_COLUMNS))
-    write_csv(os.path.join(root, "metadata", meta_csv), [r["meta"] for r in results], list(results[0]["meta"]))
-    return root
+    return sorted(results, key=lambda r: r["index"])
+
+
+def _swap_in(staging: str, root: str, split: str, results: list[dict]) -> None:
+    """Replace the split's volumes by those under ``staging`` and rewrite its CSVs: the old CSVs go first,
+    the new ones come last, so volumes are never paired with another run's reports and labels."""
+    rep_csv, lab_csv, meta_csv = (os.path.join(root, folder, name) for folder, name in
+                                  zip(("radiology_text_reports", "multi_abnormality_labels", "metadata"),
+                                      _csv_names(split)))
+    for path in (rep_csv, lab_csv, meta_csv):
+        if os.path.exists(path):
+            os.remove(path)
+    vol_dir = os.path.join(root, f"{split}_fixed")
+    if os.path.isdir(vol_dir):
+        os.replace(vol_dir, os.path.join(staging, "old"))  # deleted with the staging folder
+    os.replace(os.path.join(staging, f"{split}_fixed"), vol_dir)
+    write_csv(rep_csv, [r["report"] for r in results], REPORT_COLUMNS)
+    write_csv(lab_csv, [r["labels"] for r in results], ("VolumeName", *CTRATE_LABELS, *EXTRA_COLUMNS))
+    write_csv(meta_csv, [r["meta"] for r in results], list(results[0]["meta"]))
 
 
 # ------------------------------------------------------------------------------------------------ CLI

@@ -37,7 +37,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                                      f"allow)")
     p.add_argument("--split", choices=("auto", "train", "valid"), default="auto",
                    help="split of a CT-RATE-layout folder (auto: valid if present, else train)")
-    p.add_argument("--json", help="write the full result here (atomically)")
+    p.add_argument("--json", help="write the full result here (atomically; an existing file needs --force)")
+    p.add_argument("--force", action="store_true", help="overwrite an existing --json file")
     p.add_argument("--workers", type=int, default=0, help="processes reading and measuring volumes")
     p.add_argument("--device", default="auto", help="device of the CLIP (auto, cpu, cuda)")
     p.add_argument("--no-progress", action="store_true")
@@ -48,9 +49,7 @@ def run(args: argparse.Namespace) -> None:
     if args.workers < 0:
         raise ValueError(f"--workers must be >= 0, got {args.workers}")
     if args.json:
-        folder = os.path.dirname(os.path.abspath(args.json))
-        if not os.path.isdir(folder) or not os.access(folder, os.W_OK):
-            raise ValueError(f"cannot write --json {args.json}: folder {folder} does not exist or is not writable")
+        check_json_target(args.json, args.force)
     opts = EvalOptions(metrics=parse_metrics(args.metrics), clip=args.clip, tokenizer=args.tokenizer,
                        clip_spacing=args.clip_spacing, clip_resize=args.clip_resize, split=args.split,
                        prompts=args.prompts, workers=args.workers, device=args.device)
@@ -59,6 +58,17 @@ def run(args: argparse.Namespace) -> None:
     if args.json:
         write_json(args.json, result)
         print(f"wrote {args.json}")
+
+
+def check_json_target(path: str, force: bool) -> None:
+    """Before any work: ``--json`` must name a file in a writable folder, and an existing one needs --force."""
+    folder = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        raise ValueError(f"--json {path} is a directory: give a file path such as {os.path.join(path, 'eval.json')}")
+    if not os.path.isdir(folder) or not os.access(folder, os.W_OK):
+        raise ValueError(f"cannot write --json {path}: folder {folder} does not exist or is not writable")
+    if os.path.lexists(path) and not force:
+        raise ValueError(f"--json {path} exists: pass --force to overwrite it, or choose another file")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -2,11 +2,11 @@
 volume alignment (CLIP score, text -> volume retrieval recall).
 
 Volumes reach the volume tower as in ``python -m text2ct_engine.train clip``: HU clipped to [-1000, 1000]
-and mapped to [0, 1], optionally resampled to a spacing, then resized (or cropped/padded) to the tower's
-``image_size`` and laid out (1, 1, Z, Y, X). Features for the Fréchet distance are the tower's pooled
-output before the projection (``hidden_size`` wide); the CLIP score is the mean cosine similarity of each
-prompt's text embedding with its own volume's embedding (in [-1, 1]; CLIPScore's 100 x max(cos, 0)
-rescaling is not applied).
+and mapped to [0, 1], optionally resampled to a spacing, then resized (or cropped/padded) to the size the
+tower was trained at (recorded in ``preprocessor.json``, else its ``image_size``) and laid out (1, 1, Z, Y, X).
+Features for the Fréchet distance are the tower's pooled output before the projection (``hidden_size``
+wide); the CLIP score is the mean cosine similarity of each prompt's text embedding with its own volume's
+embedding (in [-1, 1]; CLIPScore's 100 x max(cos, 0) rescaling is not applied).
 """
 from __future__ import annotations
 
@@ -72,8 +72,10 @@ def load_clip(path: str, tokenizer: str | None = None, device: str | torch.devic
 
 def volume_input(model: CLIP3D, spacing: Sequence[float] | None = None, resize: str | None = None,
                  recorded: dict | None = None) -> VolumeInput:
-    """The input recipe of ``model``'s volume tower (its ``image_size`` is (z, y, x)): ``spacing``/``resize``
-    as given, else as ``recorded`` by ``train clip`` in the CLIP directory, else as stored / "resize"."""
+    """The input recipe of ``model``'s volume tower: ``spacing``/``resize`` as given, else as ``recorded`` by
+    ``train clip`` in the CLIP directory, else as stored / "resize"; the size as recorded (the one it was
+    trained at: ``train clip --init/--resume --size`` may differ from ``image_size``), else its ``image_size``
+    (z, y, x)."""
     recorded = recorded or {}
     spacing = spacing if spacing is not None else recorded.get("spacing")
     resize = resize or recorded.get("resize") or "resize"
@@ -81,8 +83,21 @@ def volume_input(model: CLIP3D, spacing: Sequence[float] | None = None, resize: 
         raise ValueError(f"--clip-resize must be resize or crop_pad, got {resize!r}")
     if spacing is not None and (len(spacing) != 3 or min(spacing) <= 0):
         raise ValueError(f"--clip-spacing must be three positive numbers (mm), got {tuple(spacing)}")
-    size = tuple(int(s) for s in model.config.vision_config.image_size[::-1])
-    return VolumeInput(size, tuple(float(s) for s in spacing) if spacing else None, resize)  # type: ignore[arg-type]
+    return VolumeInput(_recorded_size(model, recorded.get("size")),
+                       tuple(float(s) for s in spacing) if spacing else None, resize)  # type: ignore[arg-type]
+
+
+def _recorded_size(model: CLIP3D, size: Sequence[int] | None) -> tuple[int, int, int]:
+    """The recorded (x, y, z) input size, checked against the tower's patch; the tower's own without one."""
+    vision = model.config.vision_config
+    if size is None:
+        return tuple(int(s) for s in vision.image_size[::-1])  # type: ignore[return-value]
+    patch = tuple(vision.patch_size)[::-1]
+    if (not isinstance(size, (list, tuple)) or len(size) != 3
+            or any(not isinstance(s, int) or s < 1 or s % p for s, p in zip(size, patch))):
+        raise ValueError(f"the CLIP's preprocessor.json records size {size!r}: it must be three multiples of the "
+                         f"volume tower's patch {patch} (x, y, z); fix or delete that file")
+    return tuple(size)  # type: ignore[return-value]
 
 
 @torch.no_grad()

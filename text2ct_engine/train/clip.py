@@ -24,14 +24,18 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from ..evaluate.retrieval import retrieval_recall
-from ..io_utils import read_json_object, write_json
+from ..io_utils import atomic_dir, read_json_object, write_json
 from ..models import CLIP3D, CLIP3DConfig, CLIPTextConfig, CLIPTextModelWithProjection, VisionConfig3D
 from ..models.clip3d import LOGIT_SCALE_MAX
 from ..text import CLIP_DIR, TOKENIZER_FILE, check_text_side, save_text_side
 from ..tokenizer import CLIPTokenizer
 from .common import (EMA, LossLog, TruncationNote, add_config_flags, add_run_flags, apply_gradients,
-                     autocast_enabled, held_out_split, load_training_state, open_run, resumable_batches,
-                     save_training_state, warmup_schedule)
+                     autocast_enabled, check_intervals, checkpoint_state, held_out_split,
+                     load_training_state, open_run, resumable_batches, save_training_state,
+                     typed_settings, warmup_schedule)
+
+# settings a resume may change (they do not change the math); so may steps, with a constant lr schedule
+FREE_ON_RESUME = ("log_every", "save_every", "eval_every", "num_workers", "gradient_checkpointing")
 
 
 @dataclass
@@ -70,7 +74,12 @@ class CLIPTrainConfig:
         for name, allowed in (("lr_schedule", ("cosine", "constant")), ("resize", ("resize", "crop_pad"))):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
+        check_intervals(self, ("log_every", "save_every", "eval_every"))
         autocast_enabled(self.mixed_precision, torch.device("cpu"))  # checks the value
+
+    def free_on_resume(self) -> tuple[str, ...]:
+        """The settings a resume may change: see ``FREE_ON_RESUME``."""
+        return FREE_ON_RESUME + (("steps",) if self.lr_schedule == "constant" else ())
 
 
 # ----------------------------------------------------------------------------------------------- pieces
@@ -143,12 +152,12 @@ def read_preprocessing(directory: str) -> dict[str, Any]:
 def save_checkpoint(ckpt_dir: str, step: int, model: CLIP3D, tokenizer: CLIPTokenizer, optimizer: torch.optim.Optimizer,
                     ema: EMA | None, cfg: CLIPTrainConfig) -> None:
     """The resumable state, plus ``config.json`` and ``tokenizer.json``: the folder is also a CLIP3D directory,
-    so a resumed run rebuilds the same model from it. ``state.json`` is written last and marks it complete."""
-    os.makedirs(ckpt_dir, exist_ok=True)
-    write_json(os.path.join(ckpt_dir, "config.json"), model.config_dict())
-    tokenizer.save(os.path.join(ckpt_dir, TOKENIZER_FILE))
-    save_preprocessing(ckpt_dir, cfg)
-    save_training_state(ckpt_dir, step, model, optimizer, ema, {"config": asdict(cfg)})
+    so a resumed run rebuilds the same model from it. It is written beside ``ckpt_dir`` and swapped in whole."""
+    with atomic_dir(ckpt_dir) as tmp:
+        write_json(os.path.join(tmp, "config.json"), model.config_dict())
+        tokenizer.save(os.path.join(tmp, TOKENIZER_FILE))
+        save_preprocessing(tmp, cfg)
+        save_training_state(tmp, step, model, optimizer, ema, {"config": asdict(cfg)})
 
 
 # ----------------------------------------------------------------------------------------------- the loop
@@ -176,10 +185,11 @@ def train_clip(model: CLIP3D, tokenizer: CLIPTokenizer, dataset: Dataset, cfg: C
     ema = EMA(model, cfg.ema_decay) if cfg.ema_decay else None
     step = 0
     if resuming:
-        step = int(load_training_state(ckpt_dir, model, optimizer, ema, schedule)["step"])
+        state = load_training_state(ckpt_dir, model, optimizer, ema, schedule, asdict(cfg), cfg.free_on_resume())
+        step = int(state["step"])
         log(f"resumed at step {step} from {ckpt_dir}")
-    losses = LossLog(os.path.join(out_dir, "loss.jsonl"))
-    evals = LossLog(os.path.join(out_dir, "eval.jsonl"))
+    losses = LossLog(os.path.join(out_dir, "loss.jsonl"), step if resuming else None)
+    evals = LossLog(os.path.join(out_dir, "eval.jsonl"), step if resuming else None)
     note = TruncationNote(log)
     start = time.perf_counter()
     batches = resumable_batches(dataset, cfg.batch_size, cfg.seed, step, cfg.num_workers, collate_fn)
@@ -212,9 +222,9 @@ def train_clip(model: CLIP3D, tokenizer: CLIPTokenizer, dataset: Dataset, cfg: C
             save_checkpoint(ckpt_dir, done, model, tokenizer, optimizer, ema, cfg)
     model.eval()
     model.set_gradient_checkpointing(False)
-    with _weights(model, ema):
-        save_text_side(model_dir, model, tokenizer)
-    save_preprocessing(os.path.join(model_dir, CLIP_DIR), cfg)
+    with _weights(model, ema), atomic_dir(model_dir) as tmp:
+        save_text_side(tmp, model, tokenizer)
+        save_preprocessing(os.path.join(tmp, CLIP_DIR), cfg)
     log(f"wrote {model_dir}")
     return losses
 
@@ -335,7 +345,9 @@ def read_settings(path: str | None) -> tuple[dict[str, Any], dict[str, Any]]:
     unknown = sorted(set(raw) - {f.name for f in dataclasses.fields(CLIPTrainConfig)})
     if unknown:
         raise ValueError(f"--config {path}: unknown training settings {unknown}")
-    return raw, model
+    if not isinstance(model, dict):
+        raise ValueError(f"--config {path}: \"model\" must be a JSON object of CLIP3D settings, got {model!r}")
+    return typed_settings(raw, CLIPTrainConfig, f"--config {path}"), model
 
 
 def run(args: argparse.Namespace) -> None:
@@ -348,7 +360,7 @@ def run(args: argparse.Namespace) -> None:
     cfg.validate()
     train, held = held_out_split(args.data, cfg.size, cfg.spacing, cfg.resize, cfg.eval_size)
     ckpt = os.path.join(args.out, "checkpoint")
-    if args.resume and os.path.isfile(os.path.join(ckpt, "state.json")):  # the run's own model and tokenizer
+    if args.resume and checkpoint_state(args.out) is not None:  # the run's own model and tokenizer
         model = CLIP3D.from_pretrained(ckpt)  # train_clip loads its weights again, with the optimizer's state
         tokenizer = CLIPTokenizer.from_file(find_tokenizer(None, ckpt))
     elif args.init:

@@ -1,5 +1,6 @@
-"""Pieces every training loop shares: EMA weights, resumable checkpoints, the loss log, run folders,
-resumable batch order, mixed precision, the optimizer step, the truncation note and held-out data."""
+"""Pieces every training loop shares: EMA weights, resumable checkpoints (swapped in whole), the loss log,
+run folders, resumable batch order, mixed precision, the optimizer step, the truncation note, held-out data,
+config checks (intervals, --config value types, a resume's settings)."""
 from __future__ import annotations
 
 import argparse
@@ -8,6 +9,7 @@ import dataclasses
 import json
 import math
 import os
+import typing
 import warnings
 from typing import Any, Callable, Iterator, Sequence
 
@@ -15,7 +17,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from ..io_utils import atomic_path, write_json
+from ..io_utils import atomic_path, read_json_object, recover_dir, write_json
 
 
 class EMA:
@@ -49,7 +51,10 @@ class EMA:
 
 def save_training_state(directory: str, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                         ema: EMA | None, extra: dict | None = None) -> None:
-    """Write ``model.safetensors``, ``ema.safetensors``, ``optimizer.pt`` and ``state.json`` (each atomic)."""
+    """Write ``model.safetensors``, ``ema.safetensors``, ``optimizer.pt`` and ``state.json`` into ``directory``.
+
+    Write into the folder that :func:`io_utils.atomic_dir` yields, so that the checkpoint is replaced as a whole.
+    """
     os.makedirs(directory, exist_ok=True)
     with atomic_path(os.path.join(directory, "model.safetensors")) as tmp:
         save_file({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}, tmp)
@@ -61,34 +66,55 @@ def save_training_state(directory: str, step: int, model: torch.nn.Module, optim
     write_json(os.path.join(directory, "state.json"), {"step": step, **(extra or {})})
 
 
+def checkpoint_state(out_dir: str) -> dict | None:
+    """``state.json`` of the run in ``out_dir`` (after :func:`io_utils.recover_dir`), None without a checkpoint."""
+    ckpt_dir = os.path.join(out_dir, "checkpoint")
+    if os.path.isdir(out_dir):
+        recover_dir(ckpt_dir)
+    path = os.path.join(ckpt_dir, "state.json")
+    return read_json_object(path, "checkpoint state") if os.path.isfile(path) else None
+
+
 def load_training_state(directory: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                        ema: EMA | None, schedule: torch.optim.lr_scheduler.LRScheduler | None = None) -> dict:
+                        ema: EMA | None, schedule: torch.optim.lr_scheduler.LRScheduler | None = None,
+                        config: dict | None = None, free: Sequence[str] = ()) -> dict:
     """Restore what :func:`save_training_state` wrote; returns ``state.json`` (with ``step``).
 
     ``schedule`` (created before this call) is moved to the checkpoint's step, so the next ``schedule.step()``
-    gives the learning rate of the step after it, as in an uninterrupted run.
+    gives the learning rate of the step after it, as in an uninterrupted run. With ``config`` (this run's
+    settings), a checkpoint made with other settings (but those in ``free``) is refused first
+    (:func:`check_resumed_config`).
     """
     path = os.path.join(directory, "state.json")
     if not os.path.isfile(path):
         raise ValueError(f"cannot resume: {directory} holds no state.json (not a training checkpoint)")
+    state = read_json_object(path, "checkpoint state")
+    if config is not None:
+        check_resumed_config(state.get("config"), config, free)
     device = next(model.parameters()).device
     model.load_state_dict(load_file(os.path.join(directory, "model.safetensors"), device=str(device)))
     if ema is not None and os.path.isfile(os.path.join(directory, "ema.safetensors")):
         ema.shadow = load_file(os.path.join(directory, "ema.safetensors"), device=str(device))
     optimizer.load_state_dict(torch.load(os.path.join(directory, "optimizer.pt"), map_location=device,
                                          weights_only=True))
-    with open(path) as f:
-        state = json.load(f)
     if schedule is not None:
         schedule.last_epoch = int(state["step"])
     return state
 
 
 class LossLog:
-    """Appends one JSON line per logged step to ``path`` (and keeps the values for callers and tests)."""
+    """Appends one JSON line per logged step to ``path`` (and keeps this run's values for callers and tests).
 
-    def __init__(self, path: str | None) -> None:
+    ``resume_step``: the step a resumed run continues from; rows past it (written after the checkpoint by
+    an interrupted run) are dropped. None (a fresh run) starts an empty log.
+    """
+
+    def __init__(self, path: str | None, resume_step: int | None = None) -> None:
         self.path, self.rows = path, []
+        if path:
+            kept = _rows_until(path, resume_step) if resume_step is not None else []
+            with atomic_path(path) as tmp, open(tmp, "w") as f:
+                f.writelines(json.dumps(row) + "\n" for row in kept)
 
     def log(self, **row) -> None:
         self.rows.append(row)
@@ -97,17 +123,89 @@ class LossLog:
                 f.write(json.dumps(row) + "\n")
 
 
+def _rows_until(path: str, step: int) -> list[dict]:
+    """The rows of the log ``path`` up to ``step`` (a half-written last line is dropped)."""
+    if not os.path.isfile(path):
+        return []
+    rows = []
+    with open(path) as f:
+        for line in f:
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(row, dict) and isinstance(row.get("step"), int) and row["step"] <= step:
+                rows.append(row)
+    return rows
+
+
 def open_run(out_dir: str, resume: bool) -> tuple[str, str, bool]:
     """``(out/checkpoint, out/model, whether there is a checkpoint to resume)``; creates ``out_dir``.
 
-    Refuses a folder that already holds a run unless ``resume`` is set.
+    Refuses a folder that already holds a run unless ``resume`` is set; finishes an interrupted checkpoint
+    swap first (:func:`io_utils.recover_dir`).
     """
     ckpt_dir, model_dir = os.path.join(out_dir, "checkpoint"), os.path.join(out_dir, "model")
+    if os.path.isdir(out_dir):
+        recover_dir(ckpt_dir)
+        recover_dir(model_dir)
     if os.path.exists(ckpt_dir) and not resume:
         raise ValueError(f"{out_dir} already holds a training run: pass --resume to continue it, or pick "
                          f"another --out")
     os.makedirs(out_dir, exist_ok=True)
     return ckpt_dir, model_dir, resume and os.path.exists(ckpt_dir)
+
+
+def check_intervals(cfg: Any, names: Sequence[str] = ("log_every", "save_every")) -> None:
+    """Every interval field ``names`` of ``cfg`` (and ``num_workers`` >= 0) must be a whole number >= 1."""
+    for name in names:
+        if getattr(cfg, name) < 1:
+            raise ValueError(f"{name} (--{name.replace('_', '-')}) must be at least 1, got {getattr(cfg, name)}")
+    if getattr(cfg, "num_workers", 0) < 0:
+        raise ValueError(f"num_workers (--num-workers) must be 0 or more, got {cfg.num_workers}")
+
+
+def check_resumed_config(saved: dict | None, current: dict, free: Sequence[str]) -> None:
+    """Refuse to resume with settings that change the math: every key of ``current`` but those in ``free``
+    must equal the checkpoint's ``saved`` config (as JSON)."""
+    if not saved:
+        return
+    now = json.loads(json.dumps(current))
+    changed = [k for k in now if k not in free and k in saved and saved[k] != now[k]]
+    if changed:
+        diff = ", ".join(f"{k} {saved[k]!r} -> {now[k]!r}" for k in changed)
+        raise ValueError(f"cannot resume with other settings than the run started with ({diff}): resume with "
+                         f"the run's settings, or start a new run in another --out")
+
+
+def typed_settings(raw: dict[str, Any], config_cls: type, where: str) -> dict[str, Any]:
+    """``raw`` (e.g. a JSON file's values for fields of the dataclass ``config_cls``) with each value checked
+    against its field's type (ints, floats, strings, booleans, triples, None where allowed)."""
+    hints = typing.get_type_hints(config_cls)
+    return {k: _typed(v, hints[k], f"{where}: {k}") for k, v in raw.items()}
+
+
+_KINDS = {bool: ("true or false", lambda v: isinstance(v, bool)), str: ("a string", lambda v: isinstance(v, str)),
+          int: ("a whole number", lambda v: isinstance(v, int) and not isinstance(v, bool)),
+          float: ("a number", lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v))}
+
+
+def _typed(value: Any, hint: Any, name: str) -> Any:
+    """``value`` checked against the type ``hint`` (``X | None``, ``tuple[X, X, X]`` or one of ``_KINDS``)."""
+    args = typing.get_args(hint)
+    if type(None) in args:
+        if value is None:
+            return None
+        hint = next(a for a in args if a is not type(None))
+    if typing.get_origin(hint) is tuple:
+        n = len(typing.get_args(hint))
+        if not isinstance(value, (list, tuple)) or len(value) != n:
+            raise ValueError(f"{name} must be a list of {n} numbers, got {value!r}")
+        return tuple(_typed(v, typing.get_args(hint)[0], name) for v in value)
+    kind, fits = _KINDS.get(hint, (None, lambda v: True))
+    if not fits(value):
+        raise ValueError(f"{name} must be {kind}, got {value!r}")
+    return float(value) if hint is float else value
 
 
 def autocast_enabled(mixed_precision: str, device: torch.device) -> bool:

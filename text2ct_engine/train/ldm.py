@@ -8,6 +8,7 @@ block, bf16 autocast on CUDA, and the frozen text tower run without gradients.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import time
@@ -20,8 +21,13 @@ from torch.utils.data import Dataset
 
 from ..pipeline import Text2CTPipeline
 from ..schedulers import RFlowScheduler
-from .common import (EMA, LossLog, TruncationNote, apply_gradients, autocast_enabled, load_training_state,
-                     open_run, resumable_batches, save_training_state, warmup_schedule)
+from ..io_utils import atomic_dir
+from .common import (EMA, LossLog, TruncationNote, apply_gradients, autocast_enabled, check_intervals,
+                     load_training_state, open_run, resumable_batches, save_training_state,
+                     warmup_schedule)
+
+FREE_ON_RESUME = ("steps", "log_every", "save_every", "num_workers", "gradient_checkpointing")  # no effect on the math
+SCALE_SAMPLE = 64  # cached latents that --scale-factor auto measures
 
 
 @dataclass
@@ -46,6 +52,7 @@ class LDMTrainConfig:
             raise ValueError("steps and batch_size must be at least 1")
         if not 0.0 <= self.cond_drop_prob <= 1.0:
             raise ValueError(f"cond_drop_prob must lie in [0, 1], got {self.cond_drop_prob}")
+        check_intervals(self)
 
 
 def compute_scale_factor(latents: torch.Tensor) -> float:
@@ -54,6 +61,27 @@ def compute_scale_factor(latents: torch.Tensor) -> float:
     if not math.isfinite(std) or std <= 0:
         raise ValueError("latents have no spread: cannot compute a scale factor")
     return 1.0 / std
+
+
+def draw_latents(batch: dict, generator: torch.Generator, device: torch.device) -> torch.Tensor:
+    """The batch's latents: ``latent`` (the mean), plus ``sigma`` times noise from ``generator`` when the
+    items carry a ``sigma`` (a draw of q(z|x) that depends only on the generator's seed)."""
+    latent = batch["latent"].to(device, torch.float32)
+    if batch.get("sigma") is None:
+        return latent
+    noise = torch.randn(latent.shape, generator=generator, device=device, dtype=latent.dtype)
+    return latent + batch["sigma"].to(device, torch.float32) * noise
+
+
+def sample_scale_factor(dataset: Dataset, seed: int, count: int = SCALE_SAMPLE) -> tuple[float, int]:
+    """``(compute_scale_factor of the first count items' latents, how many)``, each drawn as
+    :func:`draw_latents` does from a generator seeded with ``seed``: the same value for the same seed."""
+    items = [dataset[i] for i in range(min(len(dataset), count))]
+    batch = {"latent": torch.stack([it["latent"] for it in items])}
+    if all(it.get("sigma") is not None for it in items):
+        batch["sigma"] = torch.stack([it["sigma"] for it in items])
+    generator = torch.Generator().manual_seed(seed)
+    return compute_scale_factor(draw_latents(batch, generator, torch.device("cpu"))), len(items)
 
 
 def ldm_loss(pipe: Text2CTPipeline, x0: torch.Tensor, context: torch.Tensor, spacing: torch.Tensor,
@@ -81,10 +109,12 @@ def ldm_loss(pipe: Text2CTPipeline, x0: torch.Tensor, context: torch.Tensor, spa
 
 def train_ldm(pipe: Text2CTPipeline, dataset: Dataset, cfg: LDMTrainConfig, out_dir: str,
               resume: bool = False, log: Callable[[str], None] = print) -> LossLog:
-    """Train ``pipe.unet`` on ``dataset`` items ``{"latent", "text" or "context", "spacing"}``.
+    """Train ``pipe.unet`` on ``dataset`` items ``{"latent", "text" or "context", "spacing"}`` (and ``sigma``:
+    each step then draws latent + sigma * noise from the step's seeded generator).
 
     ``out_dir/checkpoint`` holds the resumable state (every ``save_every`` steps and at the end),
     ``out_dir/model`` the finished model directory (EMA weights when kept), ``out_dir/loss.jsonl`` the log.
+    A resume must use the settings (and scale factor) the run started with.
     """
     cfg.validate()
     device, unet = pipe.device, pipe.unet
@@ -98,17 +128,18 @@ def train_ldm(pipe: Text2CTPipeline, dataset: Dataset, cfg: LDMTrainConfig, out_
     optimizer = torch.optim.AdamW(unet.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     schedule = warmup_schedule(optimizer, cfg.warmup_steps)
     ema = EMA(unet, cfg.ema_decay) if cfg.ema_decay else None
+    settings = {**asdict(cfg), "scale_factor": pipe.config.scale_factor}
     step = 0
     if resuming:
-        step = int(load_training_state(ckpt_dir, unet, optimizer, ema, schedule)["step"])
+        step = int(load_training_state(ckpt_dir, unet, optimizer, ema, schedule, settings, FREE_ON_RESUME)["step"])
         log(f"resumed at step {step} from {ckpt_dir}")
-    losses = LossLog(os.path.join(out_dir, "loss.jsonl"))
+    losses = LossLog(os.path.join(out_dir, "loss.jsonl"), step if resuming else None)
     start = time.perf_counter()
     note = TruncationNote(log)
     batches = resumable_batches(dataset, cfg.batch_size, cfg.seed, step, cfg.num_workers)
     for step, batch in zip(range(step, cfg.steps), batches):
         gen = torch.Generator(device=device).manual_seed(cfg.seed * 1_000_003 + step)
-        x0 = batch["latent"].to(device, torch.float32) * pipe.config.scale_factor
+        x0 = draw_latents(batch, gen, device) * pipe.config.scale_factor
         if "context" in batch:  # precomputed text contexts
             context = batch["context"].to(device)
         else:
@@ -124,13 +155,11 @@ def train_ldm(pipe: Text2CTPipeline, dataset: Dataset, cfg: LDMTrainConfig, out_
                        seconds=round(time.perf_counter() - start, 2))
             log(f"step {done}/{cfg.steps} loss {loss.item():.4f} grad {norm:.3f}")
         if done % cfg.save_every == 0 or done == cfg.steps:
-            save_training_state(ckpt_dir, done, unet, optimizer, ema, {"config": asdict(cfg)})
+            with atomic_dir(ckpt_dir) as tmp:
+                save_training_state(tmp, done, unet, optimizer, ema, {"config": settings})
     unet.eval()
     unet.set_gradient_checkpointing(False)
-    if ema is not None:
-        with ema.applied(unet):
-            pipe.save_pretrained(model_dir)
-    else:
-        pipe.save_pretrained(model_dir)
+    with ema.applied(unet) if ema is not None else contextlib.nullcontext(), atomic_dir(model_dir) as tmp:
+        pipe.save_pretrained(tmp)
     log(f"wrote {model_dir}")
     return losses

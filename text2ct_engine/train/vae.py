@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import json
 import math
 import os
 import time
@@ -32,11 +31,14 @@ from torch.utils.data import Dataset, Subset
 
 from ..models.discriminator import ADV_LOSSES, PatchDiscriminator, discriminator_adv_loss, generator_adv_loss
 from ..models.vae import AutoencoderKL, AutoencoderKLConfig
+from ..io_utils import atomic_dir
 from .common import (EMA, LossLog, add_config_flags, add_run_flags, apply_gradients, autocast_enabled,
-                     held_out_split, load_training_state, open_run, resumable_batches, save_training_state,
-                     warmup_schedule)
+                     check_intervals, checkpoint_state, held_out_split, load_training_state,
+                     open_run, resumable_batches, save_training_state, warmup_schedule)
 
 DISC_DIR = "discriminator"  # the discriminator's resumable state, inside out/checkpoint
+FREE_ON_RESUME = ("steps", "log_every", "save_every", "eval_every", "eval_slab", "num_workers",
+                  "gradient_checkpointing")  # settings a resume may change: they do not change the math
 
 
 @dataclass
@@ -77,8 +79,9 @@ class VAETrainConfig:
             raise ValueError("the loss weights (l1, kl, adv) must not be negative")
         if self.adv_loss not in ADV_LOSSES:
             raise ValueError(f"adv_loss must be one of {ADV_LOSSES}, got {self.adv_loss!r}")
-        if min(self.log_every, self.save_every, self.eval_every) < 1 or self.eval_slab < 0:
-            raise ValueError("log_every, save_every and eval_every must be at least 1, eval_slab at least 0")
+        check_intervals(self, ("log_every", "save_every", "eval_every"))
+        if self.eval_slab < 0:
+            raise ValueError(f"eval_slab (--eval-slab) must be 0 or more, got {self.eval_slab}")
 
     def adversarial_weight(self, device: torch.device) -> float:
         return self.adv_weight if self.adv_weight is not None else (0.1 if device.type == "cuda" else 0.0)
@@ -196,8 +199,8 @@ def train_vae(vae: AutoencoderKL, dataset: Dataset, cfg: VAETrainConfig, out_dir
             raise ValueError(f"patch size {tuple(cfg.patch_size)} is too small for a {cfg.disc_layers}-layer "
                              f"discriminator: raise --patch-size or lower --disc-layers")
         d_opt = torch.optim.AdamW(disc.parameters(), lr=cfg.disc_lr, betas=(0.5, 0.9))
-    step = _resume(ckpt_dir, vae, optimizer, ema, schedule, disc, d_opt, log) if resuming else 0
-    losses = LossLog(os.path.join(out_dir, "loss.jsonl"))
+    step = _resume(ckpt_dir, vae, optimizer, ema, schedule, disc, d_opt, cfg, log) if resuming else 0
+    losses = LossLog(os.path.join(out_dir, "loss.jsonl"), step if resuming else None)
     start = time.perf_counter()
     batches = resumable_batches(dataset, cfg.batch_size, cfg.seed, step, cfg.num_workers, collate_fn)
     for step, batch in zip(range(step, cfg.steps), batches):
@@ -232,22 +235,23 @@ def train_vae(vae: AutoencoderKL, dataset: Dataset, cfg: VAETrainConfig, out_dir
             losses.log(step=done, **scores)
             log(f"step {done} held-out PSNR {scores['val_psnr']:.2f} dB, MAE {scores['val_mae_hu']:.1f} HU")
         if done % cfg.save_every == 0 or done == cfg.steps:
-            extra = {"config": asdict(cfg), "vae": asdict(vae.config)}
-            if disc is not None:  # first: the VAE's state.json marks a complete checkpoint
-                save_training_state(os.path.join(ckpt_dir, DISC_DIR), done, disc, d_opt, None)
-            save_training_state(ckpt_dir, done, vae, optimizer, ema, extra)
+            with atomic_dir(ckpt_dir) as tmp:  # replaced as a whole, discriminator included
+                if disc is not None:
+                    save_training_state(os.path.join(tmp, DISC_DIR), done, disc, d_opt, None)
+                save_training_state(tmp, done, vae, optimizer, ema, {"config": asdict(cfg), "vae": asdict(vae.config)})
     vae.eval().set_gradient_checkpointing(False)
-    with ema.applied(vae) if ema is not None else contextlib.nullcontext():
-        vae.save_pretrained(model_dir)
+    with ema.applied(vae) if ema is not None else contextlib.nullcontext(), atomic_dir(model_dir) as tmp:
+        vae.save_pretrained(tmp)
     log(f"wrote {model_dir}")
     return losses
 
 
 def _resume(ckpt_dir: str, vae: AutoencoderKL, optimizer: torch.optim.Optimizer, ema: EMA | None,
-            schedule: torch.optim.lr_scheduler.LRScheduler, disc: PatchDiscriminator | None, d_opt: torch.optim.Optimizer | None, log: Callable[[str], None]) -> int:
-    """Load the checkpoint (VAE, optimizer, EMA and discriminator); returns its step."""
+            schedule: torch.optim.lr_scheduler.LRScheduler, disc: PatchDiscriminator | None,
+            d_opt: torch.optim.Optimizer | None, cfg: VAETrainConfig, log: Callable[[str], None]) -> int:
+    """Load the checkpoint (VAE, optimizer, EMA and discriminator) made with ``cfg``'s settings; its step."""
     try:
-        step = int(load_training_state(ckpt_dir, vae, optimizer, ema, schedule)["step"])
+        step = int(load_training_state(ckpt_dir, vae, optimizer, ema, schedule, asdict(cfg), FREE_ON_RESUME)["step"])
         disc_dir = os.path.join(ckpt_dir, DISC_DIR)
         if disc is not None and os.path.isdir(disc_dir):
             if int(load_training_state(disc_dir, disc, d_opt, None)["step"]) != step:
@@ -266,11 +270,7 @@ def _resume(ckpt_dir: str, vae: AutoencoderKL, optimizer: torch.optim.Optimizer,
 # ------------------------------------------------------------------------------------------------ CLI
 def checkpoint_vae_config(out_dir: str) -> AutoencoderKLConfig | None:
     """The VAE config a run in ``out_dir`` was started with (None without a checkpoint)."""
-    path = os.path.join(out_dir, "checkpoint", "state.json")
-    if not os.path.isfile(path):
-        return None
-    with open(path) as f:
-        raw = json.load(f).get("vae")
+    raw = (checkpoint_state(out_dir) or {}).get("vae")
     return AutoencoderKLConfig(**raw) if raw else None
 
 
@@ -312,6 +312,11 @@ def build_vae(args: argparse.Namespace, seed: int) -> AutoencoderKL:
     if args.channels or args.res_blocks:
         n = len(args.channels or AutoencoderKLConfig().num_channels)
         overrides.update(num_res_blocks=[args.res_blocks or 2] * n, attention_levels=[False] * n)
+    sizes = {"--channels": min(args.channels or [1]), "--res-blocks": args.res_blocks,
+             "--latent-channels": args.latent_channels, "--norm-groups": args.norm_groups}
+    for flag, value in sizes.items():
+        if value is not None and value < 1:
+            raise ValueError(f"{flag} must be at least 1, got {value}")
     saved = checkpoint_vae_config(args.out) if args.resume else None
     if args.init and overrides:
         raise ValueError("--init fine-tunes a VAE as it is: drop --channels/--res-blocks/--latent-channels/"
