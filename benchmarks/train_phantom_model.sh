@@ -6,8 +6,10 @@
 #
 # Every stage uses the project's own CLIs with the exact settings of the shipped model; seeds are fixed and
 # OMP_NUM_THREADS=1 (float reductions depend on the thread count), so a rerun with the same torch on the same
-# kind of CPU should give the same weights; the whole script has not yet been rerun to confirm it bit for bit
-# (see benchmarks/RESULTS.md). Wall time of each stage goes to $RUN/times.txt.
+# kind of CPU gives the same weights: rerun 2026-12-01, the phantoms, tokenizer, VAE and CLIP came out
+# bit-identical; the UNet shipped was retrained then with the (now seeded) LDM stage, after which two runs
+# match in tests but the 4000-step stage was not run twice (see benchmarks/RESULTS.md). Wall time of each
+# stage goes to $RUN/times.txt.
 # Measured 2026-11-25 on the 2-core CI machine (AMD EPYC, torch 2.13.0+cpu) while other jobs shared it (see
 # benchmarks/RESULTS.md, "Phantom demo model"): phantoms 5.2 min, tokenizer 6 s, VAE 22 min and CLIP 15.5 min
 # (side by side), cache 2.9 min, assemble 6 s, LDM 31.5 min, evaluation 5 min: about 65 min of wall time.
