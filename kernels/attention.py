@@ -21,8 +21,9 @@ Forward (one program per BLOCK_M query rows of one (batch, head)):
     CUDA cores against only 4 * 32 = 128 tensor-core FLOPs, so tiles are sized to keep that work busy.
 
 Backward (recompute instead of storing P):
-    Delta_i = rowsum(O_i * dO_i)        (a small pre-pass; equals sum_j P_ij dP_ij)
-    P_ij = 2^(S_ij * log2e - LSE_i * log2e),   dP = dO V^T,   dS = P * (dP - Delta)
+    Delta_i = rowsum(O_i * dO_i)        (a small pre-pass; equals sum_j P_ij dP_ij; it also stores
+                                         LSE2_i = LSE_i * log2e, so each score costs one FMA before exp2)
+    P_ij = 2^(S_ij * D**-0.5 * log2e - LSE2_i),   dP = dO V^T,   dS = P * (dP - Delta)
     dV = P^T dO,   dK = dS^T Q * D**-0.5,   dQ = dS K * D**-0.5
   Two kernels, no atomics, deterministic:
     * dK/dV: one program per BLOCK_N keys keeps its K, V tile and fp32 dK, dV accumulators in registers
@@ -33,8 +34,9 @@ Backward (recompute instead of storing P):
   That recomputes S and dP twice (7 matmuls instead of the 5 of an atomic-add variant) in exchange for
   plain stores and no fp32 dQ scratch of size Nq x D.
 
-Masks and tails: any Nq, Nk (no multiple-of-block requirement). Full K/V tiles run without bounds
-checks; only the last partial tile pays for masked loads and a column mask. The key padding mask is
+Masks and tails: any Nq, Nk (no multiple-of-block requirement). Full tiles (K/V in the forward and dQ
+kernels, Q/dO in the dK/dV kernel) run without bounds checks; only the last partial tile pays for masked
+loads and a column mask (``_load_tile``, ``_load_rows``). The key padding mask is
 (B, Nk) bool (True = attend), read as bytes. A query row whose keys are all masked (a fully padded
 context) has l = 0: it gets O = 0, LSE = +inf, and since 2^(S - inf) = 0 its gradients are exactly zero.
 
@@ -66,6 +68,26 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+# ------------------------------------------------------------------------------- boundary-aware loads
+
+@triton.jit
+def _load_tile(base, rows, n_rows, stride_row, stride_col, COLS: tl.constexpr, BOUNDARY: tl.constexpr):
+    """A (len(rows), COLS) tile of a row-major operand. Only the last, partial tile (BOUNDARY) pays for a
+    bounds mask; its rows past n_rows read as 0."""
+    ptrs = base + rows[:, None] * stride_row + tl.arange(0, COLS)[None, :] * stride_col
+    if BOUNDARY:
+        return tl.load(ptrs, mask=(rows < n_rows)[:, None], other=0.0)
+    return tl.load(ptrs)
+
+
+@triton.jit
+def _load_rows(base, rows, n_rows, stride, other, BOUNDARY: tl.constexpr):
+    """One value per row (mask bytes, LSE, Delta); rows past n_rows read as ``other`` in a BOUNDARY tile."""
+    if BOUNDARY:
+        return tl.load(base + rows * stride, mask=rows < n_rows, other=other)
+    return tl.load(base + rows * stride)
+
+
 # --------------------------------------------------------------------------------------------- forward
 
 @triton.jit
@@ -75,33 +97,26 @@ def _fwd_tile(acc, m_i, l_i, q, k_base, v_base, mask_base, start_n, Nk,
               BOUNDARY: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr):
     """Fold one BLOCK_N-key tile into the running (acc, m, l) of BLOCK_M query rows."""
     offs_n = start_n + tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, HEAD_DIM)
-    k_ptrs = k_base + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd
-    v_ptrs = v_base + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd
-    if BOUNDARY:  # the last, partial tile: rows past Nk read as 0 and are masked out below
-        k = tl.load(k_ptrs, mask=(offs_n < Nk)[:, None], other=0.0)
-        v = tl.load(v_ptrs, mask=(offs_n < Nk)[:, None], other=0.0)
-    else:
-        k = tl.load(k_ptrs)
-        v = tl.load(v_ptrs)
-    # Scores in log2 units: S * D**-0.5 * log2(e), so that exp(x) becomes exp2(x).
-    s = tl.dot(q, tl.trans(k.to(DOT_DTYPE)), input_precision=PRECISION) * qk_scale
+    k = _load_tile(k_base, offs_n, Nk, stride_kn, stride_kd, HEAD_DIM, BOUNDARY)  # keys past Nk: masked below
+    v = _load_tile(v_base, offs_n, Nk, stride_vn, stride_vd, HEAD_DIM, BOUNDARY)
+    # Raw scores S = Q K^T. The softmax works in log2 units, S * qk_scale with qk_scale = D**-0.5 * log2(e),
+    # so that exp(x) becomes exp2(x). qk_scale > 0 commutes with the row max, so it scales the max (BLOCK_M
+    # multiplies) and enters exp2's argument as one FMA per score: at head size 32 the softmax, not the
+    # matmuls, bounds this loop, and a separate multiply per score would cost ~12 % of its instructions.
+    s = tl.dot(q, tl.trans(k.to(DOT_DTYPE)), input_precision=PRECISION)
     if HAS_MASK:
-        if BOUNDARY:
-            keep = tl.load(mask_base + offs_n * stride_mn, mask=offs_n < Nk, other=0) != 0
-        else:
-            keep = tl.load(mask_base + offs_n * stride_mn) != 0
+        keep = _load_rows(mask_base, offs_n, Nk, stride_mn, 0, BOUNDARY) != 0
         s = tl.where(keep[None, :], s, float("-inf"))
     elif BOUNDARY:
         s = tl.where((offs_n < Nk)[None, :], s, float("-inf"))
     # Online softmax. m_new is -inf only while every key seen so far was masked; exponentiate against 0
     # then, so that exp2(-inf - -inf) never makes a NaN (p and alpha are 0, acc and l stay 0).
-    m_new = tl.maximum(m_i, tl.max(s, 1))
+    m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
     if HAS_MASK:
         m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
     else:  # the first tile always holds key 0, so m_new is finite from the start
         m_ref = m_new
-    p = tl.exp2(s - m_ref[:, None])
+    p = tl.exp2(tl.fma(s, qk_scale, -m_ref[:, None]))
     alpha = tl.exp2(m_i - m_ref)
     l_i = l_i * alpha + tl.sum(p, 1)
     acc = tl.dot(p.to(DOT_DTYPE), v.to(DOT_DTYPE), acc * alpha[:, None], input_precision=PRECISION)
@@ -161,11 +176,13 @@ def _attn_fwd_kernel(Q, K, V, Mask, O, LSE,
 # -------------------------------------------------------------------------------------------- backward
 
 @triton.jit
-def _attn_bwd_delta_kernel(O, DO, Delta,
+def _attn_bwd_delta_kernel(O, DO, LSE, Delta, LSE2,
                            stride_ob, stride_oh, stride_om, stride_od,
                            stride_dob, stride_doh, stride_dom, stride_dod,
                            H, Nq, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr):
-    """Delta = rowsum(O * dO) in fp32, grid (cdiv(Nq, BLOCK_M), B * H). Reads O and dO once (2 N D)."""
+    """Delta = rowsum(O * dO) in fp32, and LSE2 = LSE * log2(e) (the log2-unit LSE both backward kernels
+    subtract inside exp2, converted once here instead of in every tile). Grid (cdiv(Nq, BLOCK_M), B * H).
+    Reads O and dO once (2 N D elements) and LSE (N fp32), writes 2 N fp32."""
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1).to(tl.int64)
     b = pid_bh // H
@@ -178,10 +195,42 @@ def _attn_bwd_delta_kernel(O, DO, Delta,
     do = tl.load(DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dom
                  + offs_d[None, :] * stride_dod, mask=row_ok[:, None], other=0.0).to(tl.float32)
     tl.store(Delta + pid_bh * Nq + offs_m, tl.sum(o * do, 1), mask=row_ok)
+    lse = tl.load(LSE + pid_bh * Nq + offs_m, mask=row_ok, other=0.0)
+    tl.store(LSE2 + pid_bh * Nq + offs_m, lse * 1.4426950408889634, mask=row_ok)
 
 
 @triton.jit
-def _attn_bwd_dkdv_kernel(Q, K, V, Mask, DO, LSE, Delta, DK, DV, DQ,
+def _dkdv_tile(dk, dv, k, v, key_ok, q_base, do_base, lse2_base, delta_base, dq_base, start_m, Nq,
+               stride_qm, stride_qd, stride_dom, stride_dod, qk_scale, sm_scale,
+               HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BOUNDARY: tl.constexpr,
+               DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr, ATOMIC_DQ: tl.constexpr):
+    """Fold one BLOCK_M-query tile into the fp32 dK, dV accumulators of BLOCK_N keys (transposed tiles)."""
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    q = _load_tile(q_base, offs_m, Nq, stride_qm, stride_qd, HEAD_DIM, BOUNDARY).to(DOT_DTYPE)
+    do = _load_tile(do_base, offs_m, Nq, stride_dom, stride_dod, HEAD_DIM, BOUNDARY).to(DOT_DTYPE)
+    # Rows past Nq (and fully masked rows, whose saved LSE is +inf) get P = 0 exactly.
+    lse2 = _load_rows(lse2_base, offs_m, Nq, 1, float("inf"), BOUNDARY)
+    delta = _load_rows(delta_base, offs_m, Nq, 1, 0.0, BOUNDARY)
+    s_t = tl.dot(k, tl.trans(q), input_precision=PRECISION)                    # (BLOCK_N, BLOCK_M)
+    p_t = tl.exp2(tl.fma(s_t, qk_scale, -lse2[None, :]))  # one FMA and one exp2 per score
+    dv = tl.dot(p_t.to(DOT_DTYPE), do, dv, input_precision=PRECISION)
+    dp_t = tl.dot(v, tl.trans(do), input_precision=PRECISION)
+    ds_t = p_t * (dp_t - delta[None, :])
+    dk = tl.dot(ds_t.to(DOT_DTYPE), q, dk, input_precision=PRECISION)
+    if ATOMIC_DQ:  # masked and missing keys add nothing to dQ (their P entries are not zero here)
+        ds_keys = tl.where(key_ok[:, None], ds_t, 0.0).to(DOT_DTYPE)
+        dq_part = tl.dot(tl.trans(ds_keys), k, input_precision=PRECISION) * sm_scale
+        dq_ptrs = dq_base + offs_m[:, None] * HEAD_DIM + offs_d[None, :]
+        if BOUNDARY:
+            tl.atomic_add(dq_ptrs, dq_part, mask=(offs_m < Nq)[:, None])
+        else:
+            tl.atomic_add(dq_ptrs, dq_part)
+    return dk, dv
+
+
+@triton.jit
+def _attn_bwd_dkdv_kernel(Q, K, V, Mask, DO, LSE2, Delta, DK, DV, DQ,
                           stride_qb, stride_qh, stride_qm, stride_qd,
                           stride_kb, stride_kh, stride_kn, stride_kd,
                           stride_vb, stride_vh, stride_vn, stride_vd,
@@ -210,8 +259,9 @@ def _attn_bwd_dkdv_kernel(Q, K, V, Mask, DO, LSE, Delta, DK, DV, DQ,
     h = pid_bh % H
     q_base = Q + b * stride_qb + h * stride_qh
     do_base = DO + b * stride_dob + h * stride_doh
-    lse_base = LSE + pid_bh * Nq
+    lse2_base = LSE2 + pid_bh * Nq
     delta_base = Delta + pid_bh * Nq
+    dq_base = DQ + pid_bh * Nq * HEAD_DIM
 
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
@@ -230,27 +280,16 @@ def _attn_bwd_dkdv_kernel(Q, K, V, Mask, DO, LSE, Delta, DK, DV, DQ,
 
     dk = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
     dv = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
-    for start_m in range(m_lo, m_hi, BLOCK_M):
-        offs_m = start_m + tl.arange(0, BLOCK_M)
-        row_ok = offs_m < Nq
-        q = tl.load(q_base + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
-                    mask=row_ok[:, None], other=0.0).to(DOT_DTYPE)
-        do = tl.load(do_base + offs_m[:, None] * stride_dom + offs_d[None, :] * stride_dod,
-                     mask=row_ok[:, None], other=0.0).to(DOT_DTYPE)
-        # Missing rows get LSE = +inf, so their P column is exactly 0 (as is every fully masked row's).
-        lse2 = tl.load(lse_base + offs_m, mask=row_ok, other=float("inf")) * 1.4426950408889634
-        delta = tl.load(delta_base + offs_m, mask=row_ok, other=0.0)
-        s_t = tl.dot(k, tl.trans(q), input_precision=PRECISION) * qk_scale          # (BLOCK_N, BLOCK_M)
-        p_t = tl.exp2(s_t - lse2[None, :])
-        dv = tl.dot(p_t.to(DOT_DTYPE), do, dv, input_precision=PRECISION)
-        dp_t = tl.dot(v, tl.trans(do), input_precision=PRECISION)
-        ds_t = p_t * (dp_t - delta[None, :])
-        dk = tl.dot(ds_t.to(DOT_DTYPE), q, dk, input_precision=PRECISION)
-        if ATOMIC_DQ:  # masked and missing keys add nothing to dQ (their P entries are not zero here)
-            ds_keys = tl.where(key_ok[:, None], ds_t, 0.0).to(DOT_DTYPE)
-            dq_part = tl.dot(tl.trans(ds_keys), k, input_precision=PRECISION) * sm_scale
-            dq_ptrs = DQ + pid_bh * Nq * HEAD_DIM + offs_m[:, None] * HEAD_DIM + offs_d[None, :]
-            tl.atomic_add(dq_ptrs, dq_part, mask=row_ok[:, None])
+    # Full query tiles without bounds checks, then the partial tail (only the last split has one).
+    m_full = m_lo + (m_hi - m_lo) // BLOCK_M * BLOCK_M
+    for start_m in range(m_lo, m_full, BLOCK_M):
+        dk, dv = _dkdv_tile(dk, dv, k, v, key_ok, q_base, do_base, lse2_base, delta_base, dq_base, start_m, Nq,
+                            stride_qm, stride_qd, stride_dom, stride_dod, qk_scale, sm_scale,
+                            HEAD_DIM, BLOCK_M, False, DOT_DTYPE, PRECISION, ATOMIC_DQ)
+    if m_full < m_hi:
+        dk, dv = _dkdv_tile(dk, dv, k, v, key_ok, q_base, do_base, lse2_base, delta_base, dq_base, m_full, Nq,
+                            stride_qm, stride_qd, stride_dom, stride_dod, qk_scale, sm_scale,
+                            HEAD_DIM, BLOCK_M, True, DOT_DTYPE, PRECISION, ATOMIC_DQ)
     # Key masking is row-local here (row j of dK/dV only depends on P[:, j]), so masked and
     # out-of-range keys are zeroed once at the end instead of masking every tile.
     dk = tl.where(key_ok[:, None], dk * sm_scale, 0.0)
@@ -269,22 +308,12 @@ def _dq_tile(dq, q, do, lse2, delta, k_base, v_base, mask_base, start_n, Nk,
              BOUNDARY: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr):
     """Add one K/V tile's share dS K to the fp32 dQ accumulator of BLOCK_M query rows."""
     offs_n = start_n + tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, HEAD_DIM)
-    k_ptrs = k_base + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd
-    v_ptrs = v_base + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd
-    if BOUNDARY:
-        k = tl.load(k_ptrs, mask=(offs_n < Nk)[:, None], other=0.0).to(DOT_DTYPE)
-        v = tl.load(v_ptrs, mask=(offs_n < Nk)[:, None], other=0.0).to(DOT_DTYPE)
-    else:
-        k = tl.load(k_ptrs).to(DOT_DTYPE)
-        v = tl.load(v_ptrs).to(DOT_DTYPE)
-    s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
-    p = tl.exp2(s - lse2[:, None])  # the forward's softmax, rebuilt exactly from the saved LSE
+    k = _load_tile(k_base, offs_n, Nk, stride_kn, stride_kd, HEAD_DIM, BOUNDARY).to(DOT_DTYPE)
+    v = _load_tile(v_base, offs_n, Nk, stride_vn, stride_vd, HEAD_DIM, BOUNDARY).to(DOT_DTYPE)
+    s = tl.dot(q, tl.trans(k), input_precision=PRECISION)
+    p = tl.exp2(tl.fma(s, qk_scale, -lse2[:, None]))  # the forward's softmax, rebuilt from the saved LSE
     if HAS_MASK:
-        if BOUNDARY:
-            keep = tl.load(mask_base + offs_n * stride_mn, mask=offs_n < Nk, other=0) != 0
-        else:
-            keep = tl.load(mask_base + offs_n * stride_mn) != 0
+        keep = _load_rows(mask_base, offs_n, Nk, stride_mn, 0, BOUNDARY) != 0
         p = tl.where(keep[None, :], p, 0.0)
     elif BOUNDARY:
         p = tl.where((offs_n < Nk)[None, :], p, 0.0)
@@ -294,7 +323,7 @@ def _dq_tile(dq, q, do, lse2, delta, k_base, v_base, mask_base, start_n, Nk,
 
 
 @triton.jit
-def _attn_bwd_dq_kernel(Q, K, V, Mask, DO, LSE, Delta, DQ,
+def _attn_bwd_dq_kernel(Q, K, V, Mask, DO, LSE2, Delta, DQ,
                         stride_qb, stride_qh, stride_qm, stride_qd,
                         stride_kb, stride_kh, stride_kn, stride_kd,
                         stride_vb, stride_vh, stride_vn, stride_vd,
@@ -320,7 +349,7 @@ def _attn_bwd_dq_kernel(Q, K, V, Mask, DO, LSE, Delta, DQ,
                 mask=row_ok[:, None], other=0.0).to(DOT_DTYPE)
     do = tl.load(DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dom
                  + offs_d[None, :] * stride_dod, mask=row_ok[:, None], other=0.0).to(DOT_DTYPE)
-    lse2 = tl.load(LSE + pid_bh * Nq + offs_m, mask=row_ok, other=float("inf")) * 1.4426950408889634
+    lse2 = tl.load(LSE2 + pid_bh * Nq + offs_m, mask=row_ok, other=float("inf"))
     delta = tl.load(Delta + pid_bh * Nq + offs_m, mask=row_ok, other=0.0)
 
     dq = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
@@ -349,13 +378,20 @@ def _prune(configs, named_args, **kwargs):
 
 def _fwd_configs() -> list:
     shapes = [(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3), (128, 32, 4, 4),
-              (64, 32, 4, 3), (64, 16, 4, 2), (128, 16, 4, 2)]
+              (64, 32, 4, 3), (64, 16, 2, 2), (128, 16, 4, 2)]
     return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in shapes]
 
 
-def _bwd_configs() -> list:
-    shapes = [(64, 64, 4, 2), (32, 64, 4, 2), (64, 128, 8, 2), (32, 128, 4, 2), (128, 64, 8, 2),
-              (64, 32, 4, 2), (32, 16, 4, 2), (64, 16, 4, 2)]
+def _bwd_configs(kernel: str) -> list:
+    """(BLOCK_M, BLOCK_N, warps, stages) per backward kernel. The tile's row dimension (keys for dK/dV,
+    queries for dQ) must give every warp its own rows: with fewer than 16 rows per warp Triton's mma
+    layout makes warps repeat each other's scores (kernel_check counts the exp2 per score and objects)."""
+    if kernel == "dkdv":  # rows = BLOCK_N keys
+        shapes = [(64, 64, 4, 2), (32, 64, 4, 2), (64, 128, 8, 2), (32, 128, 4, 2), (128, 64, 4, 2),
+                  (64, 32, 2, 2), (32, 16, 1, 2), (64, 16, 1, 2)]
+    else:  # dq, rows = BLOCK_M queries
+        shapes = [(64, 64, 4, 2), (32, 64, 2, 2), (64, 128, 4, 2), (32, 128, 2, 2), (128, 64, 8, 2),
+                  (64, 32, 4, 2), (32, 16, 2, 2), (64, 16, 2, 2)]
     return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in shapes]
 
 
@@ -369,12 +405,12 @@ def _tuned(name: str):
     if name == "fwd":
         return triton.autotune(_fwd_configs(), key=_KEY, prune_configs_by=prune)(_attn_fwd_kernel)
     if name == "dkdv":
-        return triton.autotune(_bwd_configs(), key=_KEY, prune_configs_by=prune)(_attn_bwd_dkdv_kernel)
+        return triton.autotune(_bwd_configs("dkdv"), key=_KEY, prune_configs_by=prune)(_attn_bwd_dkdv_kernel)
     if name == "dkdv_atomic":  # every trial run adds into DQ: the tuner zeroes it before each
-        return triton.autotune(_bwd_configs(), key=_KEY, prune_configs_by=prune,
+        return triton.autotune(_bwd_configs("dkdv"), key=_KEY, prune_configs_by=prune,
                                reset_to_zero=["DQ"])(_attn_bwd_dkdv_kernel)
     if name == "dq":
-        return triton.autotune(_bwd_configs(), key=_KEY, prune_configs_by=prune)(_attn_bwd_dq_kernel)
+        return triton.autotune(_bwd_configs("dq"), key=_KEY, prune_configs_by=prune)(_attn_bwd_dq_kernel)
     raise KeyError(name)
 
 
@@ -531,11 +567,12 @@ def attention_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
     qk_scale, sm_scale = D ** -0.5 * LOG2E, D ** -0.5
     nqb, nkb = _bucket(Nq), _bucket(Nk)
 
-    # Pre-pass: Delta = rowsum(O * dO), one fp32 per query row.
+    # Pre-pass: Delta = rowsum(O * dO) and the LSE in log2 units, one fp32 each per query row.
     delta = torch.empty((B, H, Nq), dtype=torch.float32, device=q.device)
+    lse2 = torch.empty_like(delta)
     dbm = 64
     _attn_bwd_delta_kernel[(triton.cdiv(Nq, dbm), B * H)](
-        out, grad_out, delta, *out.stride(), *grad_out.stride(), H, Nq, HEAD_DIM=D, BLOCK_M=dbm)
+        out, grad_out, lse, delta, lse2, *out.stride(), *grad_out.stride(), H, Nq, HEAD_DIM=D, BLOCK_M=dbm)
 
     # dK, dV. With several query splits, each split writes an fp32 partial that is summed below.
     splits = q_splits if q_splits is not None else default_q_splits(B, H, Nq, Nk, q.device)
@@ -550,7 +587,7 @@ def attention_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
             dk_t = torch.empty((splits, B, H, Nk, D), dtype=torch.float32, device=q.device)
             dv_t = torch.empty_like(dk_t)
             dks, dvs = dk_t.stride(), dv_t.stride()
-        args = (q, k, v, mask, grad_out, lse, delta, dk_t, dv_t, dq32, *q.stride(), *k.stride(), *v.stride(),
+        args = (q, k, v, mask, grad_out, lse2, delta, dk_t, dv_t, dq32, *q.stride(), *k.stride(), *v.stride(),
                 smb, smn, *grad_out.stride(), *dks, *dvs, H, Nq, Nk, qk_scale, sm_scale, q_per_split, nqb, nkb)
         if blocks is None:
             grid = lambda meta: (triton.cdiv(Nk, meta["BLOCK_N"]), B * H, splits)  # noqa: E731
@@ -567,7 +604,7 @@ def attention_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
         return dq, dk, dv
 
     # dQ.
-    args = (q, k, v, mask, grad_out, lse, delta, dq, *q.stride(), *k.stride(), *v.stride(), smb, smn,
+    args = (q, k, v, mask, grad_out, lse2, delta, dq, *q.stride(), *k.stride(), *v.stride(), smb, smn,
             *grad_out.stride(), *dq.stride(), H, Nq, Nk, qk_scale, sm_scale, nqb, nkb)
     if blocks is None:
         grid = lambda meta: (triton.cdiv(Nq, meta["BLOCK_M"]), B * H)  # noqa: E731

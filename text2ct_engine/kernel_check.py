@@ -10,7 +10,10 @@ active driver replaced by a stand-in that reports the chosen target. A compile h
 to a cubin for that target and skips the launch itself; an autotuned kernel compiles every config its
 pruning keeps. For each kernel it reports registers per thread, spilled bytes (local memory), shared
 memory, the widest global load (a memory-bound kernel wants 128-bit loads) and the theoretical
-occupancy, and it checks:
+occupancy, and the hot loop's SASS (disassembled with the nvdisasm that ships with triton): instructions
+per warp and iteration, MUFU (exp2) instructions, and which unit bounds it on that architecture (tensor
+cores, MUFU, or instruction issue; ``loop_limit``) with the share of the tensor cores' peak that leaves.
+It checks:
 
 * every launch compiles, with no register spills;
 * every fixed-config launch fits the architecture's shared memory per block, and every autotuned launch
@@ -46,14 +49,33 @@ class Arch:
     max_threads_per_sm: int
     max_blocks_per_sm: int
     registers_per_sm: int = 65536
+    # Throughputs per clock per SM for the loop model (``loop_limit``). Tensor: dense matmul FLOPs with
+    # 16-bit inputs and fp32 accumulation, from the named card's peak / (SMs x boost clock): A100
+    # 312 TFLOPS / (108 x 1.41 GHz), GeForce RTX 3090 71 / (82 x 1.70), RTX 4090 165 / (128 x 2.52) (GeForce
+    # cards accumulate in fp32 at half their fp16 rate; A6000/L40-class cards have twice this), H100/H200 SXM
+    # 989 / (132 x 1.83). MUFU (exp2, reciprocal: 16 per SM on 8.x/9.0) and 4 warp instructions issued per
+    # clock (one per scheduler) from the CUDA C Programming Guide's throughput table.
+    tensor_flops_per_clk: int = 0
+    mufu_per_clk: int = 16
+    issue_per_clk: int = 4
 
 
 ARCHS = {a.name: a for a in (
-    Arch("sm80", 80, "A100", 166912, 167936, 2048, 32),
-    Arch("sm86", 86, "RTX 30xx, A6000, A10", 101376, 102400, 1536, 16),
-    Arch("sm89", 89, "RTX 40xx, L4, L40", 101376, 102400, 1536, 24),
-    Arch("sm90", 90, "H100, H200", 232448, 233472, 2048, 32),
+    Arch("sm80", 80, "A100", 166912, 167936, 2048, 32, tensor_flops_per_clk=2048),
+    Arch("sm86", 86, "RTX 30xx, A6000, A10", 101376, 102400, 1536, 16, tensor_flops_per_clk=512),
+    Arch("sm89", 89, "RTX 40xx, L4, L40", 101376, 102400, 1536, 24, tensor_flops_per_clk=512),
+    Arch("sm90", 90, "H100, H200", 232448, 233472, 2048, 32, tensor_flops_per_clk=4096),
 )}
+
+
+@dataclasses.dataclass(frozen=True)
+class LoopMix:
+    """One warp's SASS instructions in one iteration of a kernel's hot loop (its longest loop body)."""
+    instructions: int
+    mufu: int  # special-function instructions (MUFU.EX2 for the softmax's exp2, MUFU.RCP, ...)
+    exp2: int  # of which MUFU.EX2
+    tensor_flops: int  # matmul FLOPs of the whole program (CTA) per iteration, from the MMA shapes
+    top: str  # the most frequent opcodes, "FMUL 48, FFMA 32, ..."
 
 
 @dataclasses.dataclass
@@ -69,6 +91,79 @@ class KernelReport:
     widest_load_bits: int
     occupancy: float  # resident warps / max warps per SM (0 when it cannot launch)
     fits: bool  # shared memory within the per-block limit
+    loop: LoopMix | None = None  # the hot loop's instruction mix (None: no loop)
+    limit: str = ""  # which unit bounds that loop on this arch: tensor, mufu or issue ("" without tensor ops)
+    tensor_ceiling: float = 0.0  # tensor-core busy fraction that bound allows (1.0 = tensor-bound)
+
+
+# ------------------------------------------------------------------------------- hot-loop analysis
+_SASS_LINE = re.compile(r"^\s*/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Za-z0-9_.]*)([^;]*);")
+_SASS_LABEL = re.compile(r"^\s*(\.L_x_\d+):")
+_HGMMA = re.compile(r"^HGMMA\.64x(\d+)x(\d+)\b")
+_HMMA = re.compile(r"^HMMA\.168(\d+)\b")
+
+
+def hot_loop(sass: str) -> list[str]:
+    """Opcodes of the longest loop body in a disassembly: from a label to the last branch back to it."""
+    opcodes: list[str] = []
+    labels: dict[str, int] = {}
+    best: tuple[int, int] = (0, -1)
+    for line in sass.splitlines():
+        m = _SASS_LABEL.match(line)
+        if m:
+            labels[m.group(1)] = len(opcodes)
+            continue
+        m = _SASS_LINE.match(line)
+        if not m:
+            continue
+        opcodes.append(m.group(1))
+        if m.group(1).startswith("BRA"):
+            target = re.search(r"\.L_x_\d+", m.group(2))
+            start = labels.get(target.group(0)) if target else None
+            if start is not None and len(opcodes) - start > best[1] - best[0]:
+                best = (start, len(opcodes))
+    return opcodes[best[0]:best[1]]
+
+
+def loop_mix(opcodes: list[str], num_warps: int) -> LoopMix | None:
+    """Count a loop body; tensor FLOPs from wgmma (one per warpgroup of 4 warps) and mma.sync (one per warp)."""
+    if not opcodes:
+        return None
+    flops = 0
+    for op in opcodes:
+        if m := _HGMMA.match(op):
+            flops += 2 * 64 * int(m.group(1)) * int(m.group(2)) * max(num_warps // 4, 1)
+        elif m := _HMMA.match(op):
+            flops += 2 * 16 * 8 * int(m.group(1)) * num_warps
+    counts: dict[str, int] = {}
+    for op in opcodes:
+        counts[op.split(".")[0]] = counts.get(op.split(".")[0], 0) + 1
+    top = ", ".join(f"{k} {v}" for k, v in sorted(counts.items(), key=lambda kv: -kv[1])[:8])
+    return LoopMix(len(opcodes), counts.get("MUFU", 0), sum(op.startswith("MUFU.EX2") for op in opcodes), flops, top)
+
+
+def loop_limit(arch: Arch, loop: LoopMix, num_warps: int) -> tuple[str, float]:
+    """(bounding unit, tensor-busy ceiling) of one loop iteration on a fully loaded SM.
+
+    Clocks per iteration if each unit ran alone at its peak: tensor FLOPs / tensor rate, 32 lanes x MUFU
+    instructions / MUFU rate, warp instructions / issue rate. The slowest is the bound; tensor / bound is
+    the most of the tensor cores the loop can keep busy. A model (no latency, memory or occupancy), to
+    tell which unit to relieve, not a timing.
+    """
+    if not loop.tensor_flops or not arch.tensor_flops_per_clk:
+        return "", 0.0
+    clocks = {"tensor": loop.tensor_flops / arch.tensor_flops_per_clk,
+              "mufu": num_warps * loop.mufu * 32 / arch.mufu_per_clk,
+              "issue": num_warps * loop.instructions / arch.issue_per_clk}
+    limit = max(clocks, key=clocks.__getitem__)
+    return limit, clocks["tensor"] / clocks[limit]
+
+
+def _disassemble(cubin: bytes) -> str:
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        return subprocess.run([_tool("nvdisasm"), "-c", f.name], capture_output=True, text=True, check=True).stdout
 
 
 # ------------------------------------------------------------------------------------- compilation
@@ -159,13 +254,16 @@ def compile_for(arch: Arch, reports: list[KernelReport], case: str) -> Iterator[
         shared = int(kernel.metadata.shared)
         consts = {jit.arg_names[k[0]]: v for k, v in compile["constants"].items()
                   if jit.arg_names[k[0]].isupper() and isinstance(v, int) and not isinstance(v, bool)}
-        meta = " ".join(f"{k}={v}" for k, v in consts.items() if k.startswith(("BLOCK", "TILES")))
+        meta = " ".join(f"{k}={v}" for k, v in consts.items() if k.startswith(("BLOCK", "TILES", "HEAD_DIM")))
         meta += f" w{opts['num_warps']} s{opts['num_stages']}"
+        loop = loop_mix(hot_loop(_disassemble(kernel.asm["cubin"])), opts["num_warps"])
+        limit, ceiling = loop_limit(arch, loop, opts["num_warps"]) if loop else ("", 0.0)
         report = KernelReport(case, jit.__name__, meta.strip(), autotuned=_in_autotune[0], registers=regs,
                               spill_bytes=spill, shared_bytes=shared,
                               widest_load_bits=widest_global_load(kernel.asm["ptx"]),
                               occupancy=occupancy(arch, regs, shared, opts["num_warps"]),
-                              fits=shared <= arch.max_shared_per_block)
+                              fits=shared <= arch.max_shared_per_block, loop=loop, limit=limit,
+                              tensor_ceiling=ceiling)
         compiled[str(key)] = report
         reports.append(report)
         return True  # compiled: skip the launch
@@ -293,9 +391,28 @@ def check(arch_names: list[str], quick: bool = False, only: str | None = None,
     return {"reports": results, "problems": problems}
 
 
+# Attention kernels whose hot loop handles one BLOCK_M x BLOCK_N tile of scores: their matmuls per tile
+# (QK^T and PV; S, dV, dP, dK, and dQ with the atomic dQ; S, dP, dQ), each 2 x BLOCK_M x BLOCK_N x HEAD_DIM FLOPs.
+SCORE_TILE_MATMULS = {"_attn_fwd_kernel": 2, "_attn_bwd_dkdv_kernel": 4, "_attn_bwd_dq_kernel": 3}
+
+
+def repeated_work(r: KernelReport) -> float:
+    """Tensor FLOPs of an attention kernel's loop over what its tile needs: 1.0 when every warp has its own
+    rows, 2 or more when warps repeat each other's matmuls (and softmax); 0 when it does not apply."""
+    if r.kernel not in SCORE_TILE_MATMULS or r.loop is None:
+        return 0.0
+    meta = dict(kv.split("=") for kv in r.meta.split() if "=" in kv)
+    matmuls = SCORE_TILE_MATMULS[r.kernel] + (r.kernel == "_attn_bwd_dkdv_kernel" and "dq=atomic" in r.case)
+    needed = matmuls * 2 * int(meta["BLOCK_M"]) * int(meta["BLOCK_N"]) * int(meta["HEAD_DIM"])
+    return r.loop.tensor_flops / needed
+
+
 def _problems(arch: Arch, case: str, reports: list[KernelReport]) -> list[str]:
     out = [f"{arch.name} {case}: {r.kernel} [{r.meta}] spills {r.spill_bytes} B per thread"
            for r in reports if r.spill_bytes]
+    out += [f"{arch.name} {case}: {r.kernel} [{r.meta}] does {repeated_work(r):.2f}x its tile's matmuls: its "
+            f"warps repeat each other's work (give each warp >= 16 rows of the tile)"
+            for r in reports if repeated_work(r) > 1.01]
     out += [f"{arch.name} {case}: {r.kernel} [{r.meta}] needs {r.shared_bytes} B shared > {arch.max_shared_per_block}"
             for r in reports if not r.autotuned and not r.fits]
     tuned = {}
@@ -310,8 +427,8 @@ def _problems(arch: Arch, case: str, reports: list[KernelReport]) -> list[str]:
 
 
 def format_table(results: list[dict]) -> str:
-    head = f"{'arch':5s} {'kernel':24s} {'meta':32s} {'regs':>4s} {'spill':>5s} {'smem KiB':>8s} " \
-           f"{'load b':>6s} {'occ':>5s}  case"
+    head = f"{'arch':5s} {'kernel':24s} {'meta':44s} {'regs':>4s} {'spill':>5s} {'smem KiB':>8s} " \
+           f"{'load b':>6s} {'occ':>5s} {'loop':>5s} {'mufu':>4s} {'limit':>6s} {'tc%':>4s}  case"
     rows = [head, "-" * len(head)]
     seen = set()
     for r in results:
@@ -320,9 +437,11 @@ def format_table(results: list[dict]) -> str:
             continue
         seen.add(key)
         flag = "" if r["fits"] else "  (too much shared memory for this arch)"
-        rows.append(f"{r['arch']:5s} {r['kernel']:24s} {r['meta']:32s} {r['registers']:4d} {r['spill_bytes']:5d} "
-                    f"{r['shared_bytes'] / 1024:8.1f} {r['widest_load_bits']:6d} {r['occupancy']:5.2f}  "
-                    f"{r['case']}{flag}")
+        loop = r["loop"] or {"instructions": 0, "mufu": 0}
+        tc = f"{100 * r['tensor_ceiling']:4.0f}" if r["limit"] else "   -"
+        rows.append(f"{r['arch']:5s} {r['kernel']:24s} {r['meta']:44s} {r['registers']:4d} {r['spill_bytes']:5d} "
+                    f"{r['shared_bytes'] / 1024:8.1f} {r['widest_load_bits']:6d} {r['occupancy']:5.2f} "
+                    f"{loop['instructions']:5d} {loop['mufu']:4d} {r['limit'] or '-':>6s} {tc}  {r['case']}{flag}")
     return "\n".join(rows)
 
 
