@@ -290,7 +290,8 @@ def test_json_target_is_checked_before_any_work(tmp_path, capsys):
     assert "is a directory" in _error_line(capsys, [*base, "--json", str(tmp_path)])
     out = tmp_path / "eval.json"
     out.write_text("keep")
-    assert "exists: pass --force" in _error_line(capsys, [*base, "--json", str(out)])
+    line = _error_line(capsys, [*base, "--json", str(out)])
+    assert "already exists" in line and "--force" in line
     assert out.read_text() == "keep"
     assert evaluate_main([*base, "--json", str(out), "--force", "--no-progress"]) == 0
     assert json.loads(out.read_text())["metrics"]["hist"]["wasserstein1_hu"] == 0.0

@@ -160,10 +160,7 @@ def loop_limit(arch: Arch, loop: LoopMix, num_warps: int) -> tuple[str, float]:
 
 
 def _disassemble(cubin: bytes) -> str:
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-        f.write(cubin)
-        f.flush()
-        return subprocess.run([_tool("nvdisasm"), "-c", f.name], capture_output=True, text=True, check=True).stdout
+    return _on_cubin("nvdisasm", ["-c"], cubin)
 
 
 # ------------------------------------------------------------------------------------- compilation
@@ -197,13 +194,17 @@ def _tool(name: str) -> str:
     return path
 
 
-def _resource_usage(cubin: bytes) -> tuple[int, int]:
-    """(registers per thread, local-memory bytes per thread) of a cubin's one kernel, from cuobjdump."""
+def _on_cubin(tool: str, args: list[str], cubin: bytes) -> str:
+    """stdout of one of triton's NVIDIA tools (cuobjdump, nvdisasm) run on a cubin."""
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(cubin)
         f.flush()
-        out = subprocess.run([_tool("cuobjdump"), "--dump-resource-usage", f.name],
-                             capture_output=True, text=True, check=True).stdout
+        return subprocess.run([_tool(tool), *args, f.name], capture_output=True, text=True, check=True).stdout
+
+
+def _resource_usage(cubin: bytes) -> tuple[int, int]:
+    """(registers per thread, local-memory bytes per thread) of a cubin's one kernel, from cuobjdump."""
+    out = _on_cubin("cuobjdump", ["--dump-resource-usage"], cubin)
     m = re.search(r"REG:(\d+).*?LOCAL:(\d+)", out)
     if m is None:
         raise RuntimeError(f"cannot read cuobjdump's resource usage:\n{out}")

@@ -10,11 +10,11 @@ in it; see ``evaluate/volume_sets.py``). Prints a table and writes the full resu
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
 from ..cli import run_guarded
 from ..io_utils import write_json
+from ..volume_io import check_writable
 from .evaluation import METRICS, EvalOptions, evaluate, parse_metrics
 from .report import format_report
 
@@ -61,14 +61,11 @@ def run(args: argparse.Namespace) -> None:
 
 
 def check_json_target(path: str, force: bool) -> None:
-    """Before any work: ``--json`` must name a file in a writable folder, and an existing one needs --force."""
-    folder = os.path.dirname(os.path.abspath(path))
-    if os.path.isdir(path):
-        raise ValueError(f"--json {path} is a directory: give a file path such as {os.path.join(path, 'eval.json')}")
-    if not os.path.isdir(folder) or not os.access(folder, os.W_OK):
-        raise ValueError(f"cannot write --json {path}: folder {folder} does not exist or is not writable")
-    if os.path.lexists(path) and not force:
-        raise ValueError(f"--json {path} exists: pass --force to overwrite it, or choose another file")
+    """Before any work: ``--json`` must name a file that can be written, and an existing one needs --force."""
+    try:
+        check_writable(path, force)
+    except ValueError as err:
+        raise ValueError(f"--json {err}") from None
 
 
 def main(argv: list[str] | None = None) -> int:
