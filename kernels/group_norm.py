@@ -77,8 +77,29 @@ def _interpreting() -> bool:
 
 
 # ------------------------------------------------------------------------------------------------------
-# shared helper: the per-channel constants of one tile's channels
+# shared helpers: a program's channels, their row pointers and per-channel constants
 # ------------------------------------------------------------------------------------------------------
+@triton.jit
+def _split_program(C, BLOCK_C: tl.constexpr):
+    """A split launch's program: grid (chunks, channel blocks, N) -> chunk sp, sample n, its channels c."""
+    sp = tl.program_id(0)
+    n = tl.program_id(2)
+    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    return sp, n, c, c < C
+
+
+@triton.jit
+def _channel_rows(P, n, c, stride_n, stride_c):
+    """(BLOCK_C, 1) pointers to position 0 of channels c of sample n (int64: tensors past 2**31 elements)."""
+    return P + n.to(tl.int64) * stride_n + c.to(tl.int64)[:, None] * stride_c
+
+
+@triton.jit
+def _load_tile(row, s, stride_s, mask):
+    """Tile (channels, positions s) of a tensor whose channel rows start at ``row``, in fp32 (0 where masked)."""
+    return tl.load(row + s[None, :] * stride_s, mask=mask, other=0.0).to(tl.float32)
+
+
 @triton.jit
 def _affine_constants(c, cmask, W, B, HAS_W: tl.constexpr, HAS_B: tl.constexpr):
     """w, b of channels c in fp32 (1 and 0 without affine; 0 for masked-off channels with affine)."""
@@ -144,12 +165,8 @@ def _apply_tile(x, mu, scale, b, SILU: tl.constexpr):
 def _gn_fwd_stats_kernel(X, PMEAN, PM2, C, S, stride_xn, stride_xc, stride_xs, NUM_SPLITS,
                          BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, TILES: tl.constexpr):
     """Per-channel (mean, M2) of one chunk of TILES * BLOCK_S positions: reads the chunk once."""
-    sp = tl.program_id(0)
-    cb = tl.program_id(1)
-    n = tl.program_id(2)
-    c = cb * BLOCK_C + tl.arange(0, BLOCK_C)
-    cmask = c < C
-    row = X + n.to(tl.int64) * stride_xn + c.to(tl.int64)[:, None] * stride_xc
+    sp, n, c, cmask = _split_program(C, BLOCK_C)
+    row = _channel_rows(X, n, c, stride_xn, stride_xc)
     s_start = sp.to(tl.int64) * (BLOCK_S * TILES)
     mean = tl.zeros([BLOCK_C], tl.float32)
     m2 = tl.zeros([BLOCK_C], tl.float32)
@@ -157,7 +174,7 @@ def _gn_fwd_stats_kernel(X, PMEAN, PM2, C, S, stride_xn, stride_xc, stride_xs, N
         t0 = s_start + t * BLOCK_S
         s = t0 + tl.arange(0, BLOCK_S)
         mask = cmask[:, None] & (s < S)[None, :]
-        x = tl.load(row + s[None, :] * stride_xs, mask=mask, other=0.0).to(tl.float32)
+        x = _load_tile(row, s, stride_xs, mask)
         # this tile's count, and the count merged so far (both known without a loop-carried scalar)
         n_b = tl.minimum(tl.maximum(S - t0, 0), BLOCK_S).to(tl.float32)
         n_a = tl.minimum(tl.maximum(S - s_start, 0), t * BLOCK_S).to(tl.float32)
@@ -210,22 +227,18 @@ def _gn_fwd_apply_kernel(X, Y, MEAN, RSTD, W, B, ADD, C, S, G, Cg,
                          HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_ADD: tl.constexpr, SILU: tl.constexpr,
                          BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, TILES: tl.constexpr):
     """y = act((x - mu_c) * rstd * w_c + b_c): one read of x and one write of y per element."""
-    sp = tl.program_id(0)
-    cb = tl.program_id(1)
-    n = tl.program_id(2)
-    c = cb * BLOCK_C + tl.arange(0, BLOCK_C)
-    cmask = c < C
+    sp, n, c, cmask = _split_program(C, BLOCK_C)
     mu, rstd, w, b = _channel_constants(n, c, cmask, MEAN, RSTD, W, B, ADD, C, G, Cg, HAS_W, HAS_B, HAS_ADD)
     scale = (rstd * w)[:, None]
     mu = mu[:, None]
     b = b[:, None]
-    xrow = X + n.to(tl.int64) * stride_xn + c.to(tl.int64)[:, None] * stride_xc
-    yrow = Y + n.to(tl.int64) * stride_yn + c.to(tl.int64)[:, None] * stride_yc
+    xrow = _channel_rows(X, n, c, stride_xn, stride_xc)
+    yrow = _channel_rows(Y, n, c, stride_yn, stride_yc)
     s_start = sp.to(tl.int64) * (BLOCK_S * TILES)
     for t in range(TILES):
         s = s_start + t * BLOCK_S + tl.arange(0, BLOCK_S)
         mask = cmask[:, None] & (s < S)[None, :]
-        x = tl.load(xrow + s[None, :] * stride_xs, mask=mask, other=0.0).to(tl.float32)
+        x = _load_tile(xrow, s, stride_xs, mask)
         z = _apply_tile(x, mu, scale, b, SILU)
         tl.store(yrow + s[None, :] * stride_ys, z.to(Y.dtype.element_ty), mask=mask)
 
@@ -278,8 +291,8 @@ def _accumulate_bwd_tile(acc_ds, acc_dd, acc_sx, xrow, drow, s, cmask, S, stride
                          SILU: tl.constexpr, HAS_ADD: tl.constexpr):
     """Add one tile's dz, dz * xhat (and xhat) to the running (BLOCK_C, BLOCK_S) sums: reads x and dy."""
     mask = cmask[:, None] & (s < S)[None, :]
-    x = tl.load(xrow + s[None, :] * stride_xs, mask=mask, other=0.0).to(tl.float32)
-    dy = tl.load(drow + s[None, :] * stride_ds, mask=mask, other=0.0).to(tl.float32)
+    x = _load_tile(xrow, s, stride_xs, mask)
+    dy = _load_tile(drow, s, stride_ds, mask)
     xhat, dz = _dz_xhat(x, dy, mu, rstd, w, b, SILU)
     xhat = tl.where(mask, xhat, 0.0)
     acc_ds += dz
@@ -295,18 +308,14 @@ def _gn_bwd_stats_kernel(X, DY, MEAN, RSTD, W, B, ADD, PDS, PDD, PSX, C, S, G, C
                          HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_ADD: tl.constexpr, SILU: tl.constexpr,
                          BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, TILES: tl.constexpr):
     """Per-channel sums over one chunk of dz, dz * xhat and (with add) xhat: one read of x and dy."""
-    sp = tl.program_id(0)
-    cb = tl.program_id(1)
-    n = tl.program_id(2)
-    c = cb * BLOCK_C + tl.arange(0, BLOCK_C)
-    cmask = c < C
+    sp, n, c, cmask = _split_program(C, BLOCK_C)
     mu, rstd, w, b = _channel_constants(n, c, cmask, MEAN, RSTD, W, B, ADD, C, G, Cg, HAS_W, HAS_B, HAS_ADD)
     mu = mu[:, None]
     rstd = rstd[:, None]
     w = w[:, None]
     b = b[:, None]
-    xrow = X + n.to(tl.int64) * stride_xn + c.to(tl.int64)[:, None] * stride_xc
-    drow = DY + n.to(tl.int64) * stride_dn + c.to(tl.int64)[:, None] * stride_dc
+    xrow = _channel_rows(X, n, c, stride_xn, stride_xc)
+    drow = _channel_rows(DY, n, c, stride_dn, stride_dc)
     s_start = sp.to(tl.int64) * (BLOCK_S * TILES)
     acc_ds = tl.zeros([BLOCK_C, BLOCK_S], tl.float32)
     acc_dd = tl.zeros([BLOCK_C, BLOCK_S], tl.float32)
@@ -363,11 +372,7 @@ def _gn_bwd_apply_kernel(X, DY, DX, MEAN, RSTD, C1, C2, W, B, ADD, C, S, G, Cg,
                          HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_ADD: tl.constexpr, SILU: tl.constexpr,
                          BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, TILES: tl.constexpr):
     """dx = rstd * (w_c * dz - c1 - xhat * c2): one read of x and dy, one write of dx."""
-    sp = tl.program_id(0)
-    cb = tl.program_id(1)
-    n = tl.program_id(2)
-    c = cb * BLOCK_C + tl.arange(0, BLOCK_C)
-    cmask = c < C
+    sp, n, c, cmask = _split_program(C, BLOCK_C)
     mu, rstd, w, b = _channel_constants(n, c, cmask, MEAN, RSTD, W, B, ADD, C, G, Cg, HAS_W, HAS_B, HAS_ADD)
     c1 = tl.load(C1 + n * G + c // Cg, mask=cmask, other=0.0)
     c2 = tl.load(C2 + n * G + c // Cg, mask=cmask, other=0.0)
@@ -377,15 +382,15 @@ def _gn_bwd_apply_kernel(X, DY, DX, MEAN, RSTD, C1, C2, W, B, ADD, C, S, G, Cg,
     b = b[:, None]
     c1 = c1[:, None]
     c2 = c2[:, None]
-    xrow = X + n.to(tl.int64) * stride_xn + c.to(tl.int64)[:, None] * stride_xc
-    drow = DY + n.to(tl.int64) * stride_dn + c.to(tl.int64)[:, None] * stride_dc
-    orow = DX + n.to(tl.int64) * stride_on + c.to(tl.int64)[:, None] * stride_oc
+    xrow = _channel_rows(X, n, c, stride_xn, stride_xc)
+    drow = _channel_rows(DY, n, c, stride_dn, stride_dc)
+    orow = _channel_rows(DX, n, c, stride_on, stride_oc)
     s_start = sp.to(tl.int64) * (BLOCK_S * TILES)
     for t in range(TILES):
         s = s_start + t * BLOCK_S + tl.arange(0, BLOCK_S)
         mask = cmask[:, None] & (s < S)[None, :]
-        x = tl.load(xrow + s[None, :] * stride_xs, mask=mask, other=0.0).to(tl.float32)
-        dy = tl.load(drow + s[None, :] * stride_ds, mask=mask, other=0.0).to(tl.float32)
+        x = _load_tile(xrow, s, stride_xs, mask)
+        dy = _load_tile(drow, s, stride_ds, mask)
         dx = _dx_tile(x, dy, mu, rstd, w, b, c1, c2, SILU)
         tl.store(orow + s[None, :] * stride_os, dx.to(DX.dtype.element_ty), mask=mask)
 
@@ -407,14 +412,14 @@ def _gn_fwd_group_kernel(X, Y, MEAN, RSTD, W, B, ADD, C, S, G, Cg, inv_count, ep
     cg = tl.arange(0, BLOCK_C)
     cmask = cg < Cg
     c = g * Cg + cg
-    xrow = X + n.to(tl.int64) * stride_xn + c.to(tl.int64)[:, None] * stride_xc
-    yrow = Y + n.to(tl.int64) * stride_yn + c.to(tl.int64)[:, None] * stride_yc
+    xrow = _channel_rows(X, n, c, stride_xn, stride_xc)
+    yrow = _channel_rows(Y, n, c, stride_yn, stride_yc)
     mean = tl.zeros([BLOCK_C], tl.float32)
     m2 = tl.zeros([BLOCK_C], tl.float32)
     for s0 in range(0, S, BLOCK_S):
         s = s0 + tl.arange(0, BLOCK_S)
         mask = cmask[:, None] & (s < S)[None, :]
-        x = tl.load(xrow + s[None, :] * stride_xs, mask=mask, other=0.0).to(tl.float32)
+        x = _load_tile(xrow, s, stride_xs, mask)
         n_b = tl.minimum(S - s0, BLOCK_S).to(tl.float32)
         mean, m2 = _merge_tile_moments(mean, m2, x, mask, s0 * 1.0, n_b)
     if HAS_ADD:  # as in the split finalize: the add moves each channel's mean, not its M2
@@ -433,7 +438,7 @@ def _gn_fwd_group_kernel(X, Y, MEAN, RSTD, W, B, ADD, C, S, G, Cg, inv_count, ep
     for s0 in range(0, S, BLOCK_S):
         s = s0 + tl.arange(0, BLOCK_S)
         mask = cmask[:, None] & (s < S)[None, :]
-        x = tl.load(xrow + s[None, :] * stride_xs, mask=mask, other=0.0).to(tl.float32)
+        x = _load_tile(xrow, s, stride_xs, mask)
         z = _apply_tile(x, mu, scale, b, SILU)
         tl.store(yrow + s[None, :] * stride_ys, z.to(Y.dtype.element_ty), mask=mask)
 
@@ -457,9 +462,9 @@ def _gn_bwd_group_kernel(X, DY, DX, MEAN, RSTD, W, B, ADD, DS, DD, DADD, C, S, G
     rstd_c = rstd[:, None]
     w2 = w[:, None]
     b = b[:, None]
-    xrow = X + n.to(tl.int64) * stride_xn + c.to(tl.int64)[:, None] * stride_xc
-    drow = DY + n.to(tl.int64) * stride_dn + c.to(tl.int64)[:, None] * stride_dc
-    orow = DX + n.to(tl.int64) * stride_on + c.to(tl.int64)[:, None] * stride_oc
+    xrow = _channel_rows(X, n, c, stride_xn, stride_xc)
+    drow = _channel_rows(DY, n, c, stride_dn, stride_dc)
+    orow = _channel_rows(DX, n, c, stride_on, stride_oc)
     acc_ds = tl.zeros([BLOCK_C, BLOCK_S], tl.float32)
     acc_dd = tl.zeros([BLOCK_C, BLOCK_S], tl.float32)
     acc_sx = tl.zeros([BLOCK_C, BLOCK_S], tl.float32)
@@ -477,8 +482,8 @@ def _gn_bwd_group_kernel(X, DY, DX, MEAN, RSTD, W, B, ADD, DS, DD, DADD, C, S, G
     for s0 in range(0, S, BLOCK_S):
         s = s0 + tl.arange(0, BLOCK_S)
         mask = cmask[:, None] & (s < S)[None, :]
-        x = tl.load(xrow + s[None, :] * stride_xs, mask=mask, other=0.0).to(tl.float32)
-        dy = tl.load(drow + s[None, :] * stride_ds, mask=mask, other=0.0).to(tl.float32)
+        x = _load_tile(xrow, s, stride_xs, mask)
+        dy = _load_tile(drow, s, stride_ds, mask)
         dx = _dx_tile(x, dy, mu, rstd_c, w2, b, c1, c2, SILU)
         tl.store(orow + s[None, :] * stride_os, dx.to(DX.dtype.element_ty), mask=mask)
 
