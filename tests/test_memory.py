@@ -125,6 +125,16 @@ def test_cli_prints_the_table_and_writes_json(tmp_path, capsys):
                                                   "decode_tiled_device"]
     assert plan["latent"] == [4, 8, 8, 4] and "fake tensors" in plan["plan"]
     assert all(p["device_bytes"] > 0 for p in plan["phases"])
+    # an existing --json file is kept unless --force is given
+    argv = ["--unet-config", str(unet), "--vae-config", str(vae), "--volume", "32", "32", "16", "--slab", "4",
+            "--what", "sample", "--json", str(out)]
+    out.write_text("kept")
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "already exists" in err[0] and "--force" in err[0], err
+    assert out.read_text() == "kept"
+    assert main(argv + ["--force"]) == 0
+    assert json.loads(out.read_text())["latent"] == [4, 8, 8, 4]
 
 
 @pytest.mark.parametrize("argv", [
@@ -136,6 +146,7 @@ def test_cli_prints_the_table_and_writes_json(tmp_path, capsys):
     ["--slab", "0"],
     ["--batch", "two"],
     ["--json", "/no/such/folder/plan.json"],
+    ["--json", "/"],
     ["--unet-config", "/no/such/unet.json"],
     ["--frobnicate"],
 ])

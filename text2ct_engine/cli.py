@@ -9,6 +9,17 @@ OOM_HINT = "try smaller inputs"
 _OOM_MARKERS = ("out of memory", "can't allocate memory")
 
 
+def check_output_file(flag: str, path: str, force: bool) -> None:
+    """Before any work: ``flag``'s ``path`` must be a file that can be written now; an existing one needs
+    --force (one-line ``ValueError`` naming the flag)."""
+    from .volume_io import check_writable
+
+    try:
+        check_writable(path, force)
+    except ValueError as err:
+        raise ValueError(f"{flag} {err}") from None
+
+
 def _warn_in_one_line(message, category, *_args, **_kwargs) -> None:
     print(f"warning: {message}", file=sys.stderr)
 

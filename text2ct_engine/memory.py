@@ -575,6 +575,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--unet-config", help="JSON file of DiffusionModelUNetMaisi keyword arguments (default: Text2CT)")
     p.add_argument("--vae-config", help="JSON file of AutoencoderKlMaisi keyword arguments (default: Text2CT)")
     p.add_argument("--json", help="also write the plan to this JSON file (atomic)")
+    p.add_argument("--force", action="store_true", help="overwrite an existing --json file")
     return p.parse_args(argv)
 
 
@@ -587,11 +588,8 @@ def check_args(args: argparse.Namespace) -> None:
     if args.backend not in ("triton", "torch"):
         raise ValueError(f"--backend must be triton or torch, got {args.backend!r}")
     if args.json:
-        folder = os.path.dirname(os.path.abspath(args.json))
-        if not os.path.isdir(folder) or not os.access(folder, os.W_OK):
-            raise ValueError(f"--json {args.json}: folder {folder} does not exist or is not writable")
-        if os.path.isdir(args.json):
-            raise ValueError(f"--json {args.json} is a folder, not a file name")
+        from .cli import check_output_file
+        check_output_file("--json", args.json, args.force)
 
 
 def read_config(path: str | None, flag: str) -> dict:

@@ -12,9 +12,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ..cli import run_guarded
+from ..cli import check_output_file, run_guarded
 from ..io_utils import write_json
-from ..volume_io import check_writable
 from .evaluation import METRICS, EvalOptions, evaluate, parse_metrics
 from .report import format_report
 
@@ -49,7 +48,7 @@ def run(args: argparse.Namespace) -> None:
     if args.workers < 0:
         raise ValueError(f"--workers must be >= 0, got {args.workers}")
     if args.json:
-        check_json_target(args.json, args.force)
+        check_output_file("--json", args.json, args.force)
     opts = EvalOptions(metrics=parse_metrics(args.metrics), clip=args.clip, tokenizer=args.tokenizer,
                        clip_spacing=args.clip_spacing, clip_resize=args.clip_resize, split=args.split,
                        prompts=args.prompts, workers=args.workers, device=args.device)
@@ -58,14 +57,6 @@ def run(args: argparse.Namespace) -> None:
     if args.json:
         write_json(args.json, result)
         print(f"wrote {args.json}")
-
-
-def check_json_target(path: str, force: bool) -> None:
-    """Before any work: ``--json`` must name a file that can be written, and an existing one needs --force."""
-    try:
-        check_writable(path, force)
-    except ValueError as err:
-        raise ValueError(f"--json {err}") from None
 
 
 def main(argv: list[str] | None = None) -> int:
