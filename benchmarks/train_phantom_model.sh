@@ -7,9 +7,9 @@
 # Every stage uses the project's own CLIs with the exact settings of the shipped model; seeds are fixed and
 # OMP_NUM_THREADS=1 (float reductions depend on the thread count), so a rerun with the same torch on the same
 # kind of CPU gives the same weights: rerun 2026-12-01, the phantoms, tokenizer, VAE and CLIP came out
-# bit-identical; the UNet shipped was retrained then with the (now seeded) LDM stage, after which two runs
-# match in tests but the 4000-step stage was not run twice (see benchmarks/RESULTS.md). Wall time of each
-# stage goes to $RUN/times.txt.
+# bit-identical; the CLIP (then given --label-weight 16) and UNet shipped were retrained that day from the
+# rerun's tokenizer, VAE and cache with these flags (not run twice at full size: see benchmarks/RESULTS.md).
+# Wall time of each stage goes to $RUN/times.txt.
 # Measured 2026-11-25 on the 2-core CI machine (AMD EPYC, torch 2.13.0+cpu) while other jobs shared it (see
 # benchmarks/RESULTS.md, "Phantom demo model"): phantoms 5.2 min, tokenizer 6 s, VAE 22 min and CLIP 15.5 min
 # (side by side), cache 2.9 min, assemble 6 s, LDM 31.5 min, evaluation 5 min: about 65 min of wall time.
@@ -43,7 +43,10 @@ stage tokenizer $PY -m text2ct_engine.tokenizer train \
     --corpus "$RUN/phantom/dataset/radiology_text_reports/train_reports.csv" --vocab-size 1024 \
     --context-length 256 --out "$RUN/tokenizer.json"
 
-# 3. VAE (0.74 M parameters) and 4. CLIP (0.99 M) side by side: they do not depend on each other
+# 3. VAE (0.74 M parameters) and 4. CLIP (0.99 M) side by side: they do not depend on each other. The CLIP
+#    also reads the findings out of both embeddings (--label-weight 16): trained by the contrastive loss alone,
+#    its text embedding carried no finding (held-out linear probe at the majority answer), so the UNet had
+#    nothing to follow (benchmarks/RESULTS.md, "Phantom demo model")
 stage vae $PY -m text2ct_engine.train vae --data "$RUN/phantom" --out "$RUN/vae" --size "${SIZE[@]}" \
     --spacing "${SPACING[@]}" --patch-size "${SIZE[@]}" --channels 16 32 64 --res-blocks 1 --norm-groups 16 \
     --batch-size 1 --steps 240 --lr 5e-4 --warmup-steps 30 --log-every 20 --eval-every 240 --save-every 240 \
@@ -51,7 +54,8 @@ stage vae $PY -m text2ct_engine.train vae --data "$RUN/phantom" --out "$RUN/vae"
 VAE_PID=$!
 stage clip $PY -m text2ct_engine.train clip --data "$RUN/phantom" --tokenizer "$RUN/tokenizer.json" \
     --out "$RUN/clip" --config $CFG/clip.json --size "${SIZE[@]}" --steps 800 --batch-size 16 --lr 1e-3 \
-    --warmup-steps 40 --log-every 20 --eval-every 200 --save-every 200 --no-gradient-checkpointing --seed 0
+    --warmup-steps 40 --log-every 20 --eval-every 200 --save-every 200 --no-gradient-checkpointing --seed 0 \
+    --label-weight 16
 wait $VAE_PID
 
 # 5. latent cache of the training split (latents 4 x 16 x 16 x 8)
@@ -76,4 +80,6 @@ echo "installed $ASSET ($(du -sh "$ASSET" | cut -f1))"
 # 9. evaluation: findings detector on real held-out phantoms at this size vs volumes generated from their reports
 stage evaluate $PY $CFG/evaluate.py --model "$ASSET" --data "$RUN/phantom" --n-real 48 --n-gen 24 \
     --out "$RUN/eval.json"
+#    ... and what the text conditioning carries: a linear probe of the findings on held-out reports
+stage probe $PY $CFG/probe_text.py --model "$ASSET" --data "$RUN/phantom" --json "$RUN/probe.json"
 cat "$RUN/times.txt"

@@ -15,7 +15,8 @@ from text2ct_engine.pipeline import Text2CTPipeline
 from text2ct_engine.text import encode_prompts, load_text_side
 from text2ct_engine.tokenizer import CLIPTokenizer
 from text2ct_engine.train.__main__ import main as train_main
-from text2ct_engine.train.clip import CLIPTrainConfig, fresh_clip, read_preprocessing, train_clip
+from text2ct_engine.train.clip import (LABEL_READOUT_FILE, CLIPTrainConfig, fresh_clip, label_accuracy,
+                                       read_preprocessing, train_clip)
 from text2ct_engine.train.common import held_out_split
 
 from tiny_models import CONTEXT_DIM, tiny_pipeline
@@ -117,8 +118,10 @@ def log_rows(run, name):
             for line in (run / name).read_text().splitlines()]
 
 
-def test_resume_after_an_interruption_is_exact(data, tmp_path):
-    straight, _, _ = run_api(data, tmp_path / "a", 6, save_every=3, eval_every=2)  # cosine schedule over 6 steps
+@pytest.mark.parametrize("label_weight", [0.0, 0.5])
+def test_resume_after_an_interruption_is_exact(data, tmp_path, label_weight):
+    straight, _, _ = run_api(data, tmp_path / "a", 6, save_every=3, eval_every=2,  # cosine schedule over 6 steps
+                             label_weight=label_weight)
 
     def crash(message):
         if message.startswith("step 5/"):  # after the step-3 checkpoint, before the next one
@@ -126,7 +129,7 @@ def test_resume_after_an_interruption_is_exact(data, tmp_path):
 
     train, held = held_out_split(str(data / "data"), SIZE, None, "resize", 2)
     tok = CLIPTokenizer.from_file(data / "tokenizer.json")
-    cfg = CLIPTrainConfig(**TRAIN, steps=6, save_every=3, eval_every=2)
+    cfg = CLIPTrainConfig(**TRAIN, steps=6, save_every=3, eval_every=2, label_weight=label_weight)
     with pytest.raises(Interrupted):
         train_clip(fresh_clip(tok, SIZE, MODEL, seed=0), tok, train, cfg, str(tmp_path / "b"), held,
                    collate_fn=collate, log=crash)
@@ -138,11 +141,41 @@ def test_resume_after_an_interruption_is_exact(data, tmp_path):
                log=lambda _: None)
     for k, v in straight.state_dict().items():
         assert torch.equal(resumed.state_dict()[k], v), k
+    readouts = [tmp_path / run / "checkpoint" / LABEL_READOUT_FILE for run in "ab"]
+    assert [p.exists() for p in readouts] == [label_weight > 0] * 2
+    if label_weight > 0:  # the read-out is resumed too
+        a, b = (load_file(p) for p in readouts)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     for name in ("loss.jsonl", "eval.jsonl"):  # rows past the checkpoint dropped, not repeated
         assert log_rows(tmp_path / "b", name) == log_rows(tmp_path / "a", name)
     with pytest.raises(ValueError, match="other settings than the run started with \\(steps 6 -> 8"):
-        train_clip(resumed, tok, train, CLIPTrainConfig(**TRAIN, steps=8, save_every=3, eval_every=2),
+        train_clip(resumed, tok, train, CLIPTrainConfig(**TRAIN, steps=8, save_every=3, eval_every=2,
+                                                        label_weight=label_weight),
                    str(tmp_path / "b"), held, resume=True, collate_fn=collate)  # cosine: steps set the schedule
+    with pytest.raises(ValueError, match="label_weight"):  # the read-out cannot be switched on or off midway
+        train_clip(resumed, tok, train, CLIPTrainConfig(**TRAIN, steps=6, save_every=3, eval_every=2,
+                                                        label_weight=0.25 if label_weight else 1.0),
+                   str(tmp_path / "b"), held, resume=True, collate_fn=collate)
+
+
+def test_label_accuracy_by_hand():
+    labels = torch.tensor([[1.0, 0, 0], [0, 0, 0], [1, 0, 1], [1, 0, 0]])  # label 1 never present: left out
+    logits = torch.tensor([[2.0, -1, -1], [1, 5, -1], [3, -1, -2], [-1, 1, -1]])  # 2 of 4 right, 3 of 4 right
+    acc, majority = label_accuracy(logits, labels)
+    assert acc == pytest.approx((2 / 4 + 3 / 4) / 2) and majority == pytest.approx((3 / 4 + 3 / 4) / 2)
+
+
+def test_label_weight_trains_a_shared_readout_of_the_findings(data, tmp_path):
+    _, _, log = run_api(data, tmp_path / "run", 30, lr=1e-2, lr_schedule="constant", eval_every=30, save_every=100,
+                        label_weight=1.0)
+    rows = log.rows
+    assert all(r["loss"] == pytest.approx(r["contrastive_loss"] + r["labels_loss"], rel=1e-5) for r in rows)
+    first, last = (sum(r["labels_loss"] for r in part) / 5 for part in (rows[:5], rows[-5:]))
+    assert last < 0.6 * first, (first, last)  # from ~ln 2 per label
+    (evals,) = log_rows(tmp_path / "run", "eval.jsonl")
+    assert {"label_acc_text", "label_acc_volume", "label_acc_majority"} <= evals.keys()
+    assert all(0.0 <= evals[k] <= 1.0 for k in ("label_acc_text", "label_acc_volume", "label_acc_majority"))
+    assert sorted(p.name for p in (tmp_path / "run" / "model").iterdir()) == ["clip", "tokenizer.json"]
 
 
 def test_cli_trains_extends_and_resumes(data, tmp_path, capsys):
@@ -163,7 +196,7 @@ def test_cli_trains_extends_and_resumes(data, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("case", ["no_data", "no_tokenizer", "bad_config", "bad_size", "bad_type", "bad_triple",
-                                  "zero_interval"])
+                                  "zero_interval", "negative_label_weight", "no_labels"])
 def test_cli_bad_input_is_one_line(case, data, tmp_path, capsys):
     wrong = {"bad_config": {"bogus": 1}, "bad_type": {"steps": "abc"}, "bad_triple": {"spacing": [1, 2]}}
     config = {"model": MODEL, "eval_size": 2, **wrong.get(case, {})}
@@ -174,7 +207,9 @@ def test_cli_bad_input_is_one_line(case, data, tmp_path, capsys):
                 "bad_size": "multiple of the volume tower's patch",
                 "bad_type": "steps must be a whole number, got 'abc'",
                 "bad_triple": "spacing must be a list of 3 numbers",
-                "zero_interval": "eval_every (--eval-every) must be at least 1"}[case]
+                "zero_interval": "eval_every (--eval-every) must be at least 1",
+                "negative_label_weight": "label_weight must be a finite number >= 0, got -1.0",
+                "no_labels": "--label-weight needs finding labels for every training pair, but 8 of 8"}[case]
     if case == "no_data":
         args[2] = str(tmp_path / "missing")
     elif case == "no_tokenizer":
@@ -183,6 +218,13 @@ def test_cli_bad_input_is_one_line(case, data, tmp_path, capsys):
         args[-3:] = ["16", "12", "8"]
     elif case == "zero_interval":
         args += ["--eval-every", "0"]
+    elif case == "negative_label_weight":
+        args += ["--label-weight", "-1"]
+    elif case == "no_labels":
+        shutil.copytree(data / "data", tmp_path / "data")
+        shutil.rmtree(tmp_path / "data" / "dataset" / "multi_abnormality_labels")
+        args[2] = str(tmp_path / "data")
+        args += ["--label-weight", "1"]
     assert train_main(args) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: ") and expected in err[0], err

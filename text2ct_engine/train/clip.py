@@ -7,6 +7,11 @@ Per step: a batch of (volume, report) pairs; both towers embed and L2-normalise,
 rate, bf16 autocast on CUDA, gradient checkpointing in every transformer block. Every ``eval_every`` steps
 the held-out pairs are embedded and text -> volume recall@1 / @5 is printed and logged.
 
+``label_weight`` > 0 (not in Text2CT, whose CLIP saw 50k pairs) adds a supervised term for small data sets:
+one linear read-out shared by both towers (``LabelReadout``) must give the data's finding labels from
+either embedding, which puts the findings on the same directions of both; the held-out evaluation then also
+reports how well each embedding gives them.
+
 A run directory gets ``model/`` (``clip/`` = the whole CLIP3D, whose text tower the pipeline reads, and
 ``tokenizer.json``), ``checkpoint/`` (resumable; also a CLIP3D directory), ``loss.jsonl`` and ``eval.jsonl``.
 """
@@ -21,10 +26,14 @@ from dataclasses import asdict, dataclass
 from typing import Any, Callable
 
 import torch
-from torch.utils.data import DataLoader, Dataset
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, Subset
 
+from ..data.labels import CTRATE_LABELS
 from ..evaluate.retrieval import retrieval_recall
-from ..io_utils import atomic_dir, read_json_object, write_json
+from ..io_utils import atomic_dir, atomic_path, read_json_object, write_json
 from ..models import CLIP3D, CLIP3DConfig, CLIPTextConfig, CLIPTextModelWithProjection, VisionConfig3D
 from ..models.clip3d import LOGIT_SCALE_MAX
 from ..text import CLIP_DIR, TOKENIZER_FILE, check_text_side, save_text_side
@@ -59,6 +68,7 @@ class CLIPTrainConfig:
     save_every: int = 500
     seed: int = 0
     num_workers: int = 0
+    label_weight: float = 0.0  # > 0: also read the finding labels out of both embeddings (LabelReadout)
 
     def __post_init__(self) -> None:
         self.size = tuple(int(s) for s in self.size)  # type: ignore[assignment]
@@ -75,6 +85,8 @@ class CLIPTrainConfig:
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
         check_intervals(self, ("log_every", "save_every", "eval_every"))
+        if not 0.0 <= self.label_weight < float("inf"):
+            raise ValueError(f"label_weight must be a finite number >= 0, got {self.label_weight}")
         autocast_enabled(self.mixed_precision, torch.device("cpu"))  # checks the value
 
     def free_on_resume(self) -> tuple[str, ...]:
@@ -88,9 +100,9 @@ def volume_layout(volume: torch.Tensor) -> torch.Tensor:
     return volume.permute(0, 1, 4, 3, 2).contiguous()
 
 
-def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float) -> torch.optim.AdamW:
+def make_optimizer(modules: list[nn.Module], lr: float, weight_decay: float) -> torch.optim.AdamW:
     """AdamW with weight decay on weight matrices only (not biases, norms, the class token, logit_scale)."""
-    params = [p for p in model.parameters() if p.requires_grad]
+    params = [p for m in modules for p in m.parameters() if p.requires_grad]
     groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
               {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
     return torch.optim.AdamW(groups, lr=lr)
@@ -101,22 +113,77 @@ def _tokens(tokenizer: CLIPTokenizer, texts: list[str], device: torch.device, no
         return tokenizer.encode(texts, allow_empty=True).to(device)
 
 
-def contrastive_loss(model: CLIP3D, tokenizer: CLIPTokenizer, batch: dict, device: torch.device, autocast: bool,
-                     note: TruncationNote) -> torch.Tensor:
-    """The symmetric InfoNCE loss of one batch ``{"volume": (B, 1, X, Y, Z), "text": [B reports]}``."""
+class LabelReadout(nn.Module):
+    """Finding-label logits from an L2-normalised CLIP embedding: one linear map that both towers share.
+
+    Training only (the pipeline never uses it). Why: with a few hundred pairs the contrastive loss is met by
+    each tower memorising its own items; on the 400 phantoms of the demo model a linear probe read no finding
+    out of either tower's held-out embeddings (no better than the majority label). A read-out shared by both
+    towers makes each embedding carry the findings, on the same directions for text and volume.
+    """
+
+    def __init__(self, dim: int, num_labels: int = len(CTRATE_LABELS)) -> None:
+        super().__init__()
+        self.scale = dim ** 0.5  # unit embeddings have components ~ dim**-0.5: give the map unit-size inputs
+        self.linear = nn.Linear(dim, num_labels)
+
+    def forward(self, embeds: torch.Tensor) -> torch.Tensor:
+        return self.linear(embeds.float() * self.scale)
+
+
+LABEL_READOUT_FILE = "label_readout.safetensors"  # in a checkpoint, beside the CLIP3D's model.safetensors
+
+
+def new_label_readout(model: CLIP3D, seed: int) -> LabelReadout:
+    """A seeded fresh read-out for ``model``'s embedding width (the global RNG is left as it was)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        head = LabelReadout(model.config.projection_dim)
+    return head.to(next(model.parameters()).device)
+
+
+def clip_loss(model: CLIP3D, tokenizer: CLIPTokenizer, batch: dict, device: torch.device, autocast: bool,
+              note: TruncationNote, readout: LabelReadout | None = None,
+              label_weight: float = 0.0) -> tuple[torch.Tensor, dict[str, float]]:
+    """The loss of one batch ``{"volume": (B, 1, X, Y, Z), "text": [B reports], "labels": (B, L) or None}`` and
+    its parts: the symmetric InfoNCE, plus ``label_weight`` x the mean binary cross-entropy of ``readout`` on
+    the text and the volume embeddings when a read-out is given."""
     tokens = _tokens(tokenizer, list(batch["text"]), device, note)
     volume = volume_layout(batch["volume"]).to(device)
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
-        return model(tokens.input_ids, volume, tokens.attention_mask).loss
+        out = model(tokens.input_ids, volume, tokens.attention_mask)
+    if readout is None:
+        return out.loss, {}
+    if batch.get("labels") is None:
+        raise ValueError("label_weight > 0 needs finding labels for every training pair "
+                         "(dataset/multi_abnormality_labels/<split>_predicted_labels.csv): a batch has none")
+    labels = batch["labels"].to(device).float()
+    label_loss = 0.5 * (F.binary_cross_entropy_with_logits(readout(out.text_embeds), labels)
+                        + F.binary_cross_entropy_with_logits(readout(out.volume_embeds), labels))
+    return out.loss + label_weight * label_loss, {"contrastive": out.loss.item(), "labels": label_loss.item()}
+
+
+def label_accuracy(logits: torch.Tensor, labels: torch.Tensor) -> tuple[float, float]:
+    """(accuracy of ``logits > 0``, accuracy of always answering each label's majority), averaged over the
+    labels that are present at least once in ``labels`` (N, L), so never-seen labels do not inflate it."""
+    present = labels.sum(0) > 0
+    if not present.any():
+        return float("nan"), float("nan")
+    hits = ((logits > 0).float() == labels).float().mean(0)
+    share = labels.mean(0)
+    return hits[present].mean().item(), torch.maximum(share, 1 - share)[present].mean().item()
 
 
 @torch.no_grad()
 def evaluate_retrieval(model: CLIP3D, tokenizer: CLIPTokenizer, pairs: Dataset, batch_size: int, autocast: bool,
-                       note: TruncationNote, collate_fn: Callable | None = None,
-                       num_workers: int = 0) -> dict[str, float]:
-    """Embed every held-out pair; text -> volume recall@1/@5 over all of them, and their count ``n``."""
+                       note: TruncationNote, collate_fn: Callable | None = None, num_workers: int = 0,
+                       readout: LabelReadout | None = None) -> dict[str, float]:
+    """Embed every held-out pair; text -> volume recall@1/@5 over all of them, and their count ``n``.
+
+    With ``readout`` and labelled pairs also ``label_acc_text`` / ``label_acc_volume`` (its accuracy from each
+    embedding) and ``label_acc_majority`` (the majority answer's), see :func:`label_accuracy`."""
     device = next(model.parameters()).device
-    texts, volumes = [], []
+    texts, volumes, labels = [], [], []
     for batch in DataLoader(pairs, batch_size=batch_size, collate_fn=collate_fn, num_workers=num_workers):
         if batch["volume"] is None:
             continue
@@ -124,9 +191,16 @@ def evaluate_retrieval(model: CLIP3D, tokenizer: CLIPTokenizer, pairs: Dataset, 
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
             texts.append(model.encode_text(tokens.input_ids, tokens.attention_mask).float())
             volumes.append(model.encode_volume(volume_layout(batch["volume"]).to(device)).float())
+        labels.append(batch.get("labels"))
     if not texts:
         return {"n": 0}
-    return {**retrieval_recall(torch.cat(texts), torch.cat(volumes)), "n": sum(len(t) for t in texts)}
+    t, v = torch.cat(texts), torch.cat(volumes)
+    scores = {**retrieval_recall(t, v), "n": len(t)}
+    if readout is not None and all(lb is not None for lb in labels):
+        y = torch.cat(labels).to(device).float()
+        scores["label_acc_text"], scores["label_acc_majority"] = label_accuracy(readout(t), y)
+        scores["label_acc_volume"] = label_accuracy(readout(v), y)[0]
+    return scores
 
 
 def _weights(model: torch.nn.Module, ema: EMA | None):
@@ -150,7 +224,7 @@ def read_preprocessing(directory: str) -> dict[str, Any]:
 
 
 def save_checkpoint(ckpt_dir: str, step: int, model: CLIP3D, tokenizer: CLIPTokenizer, optimizer: torch.optim.Optimizer,
-                    ema: EMA | None, cfg: CLIPTrainConfig) -> None:
+                    ema: EMA | None, cfg: CLIPTrainConfig, readout: LabelReadout | None = None) -> None:
     """The resumable state, plus ``config.json`` and ``tokenizer.json``: the folder is also a CLIP3D directory,
     so a resumed run rebuilds the same model from it. It is written beside ``ckpt_dir`` and swapped in whole."""
     with atomic_dir(ckpt_dir) as tmp:
@@ -158,6 +232,9 @@ def save_checkpoint(ckpt_dir: str, step: int, model: CLIP3D, tokenizer: CLIPToke
         tokenizer.save(os.path.join(tmp, TOKENIZER_FILE))
         save_preprocessing(tmp, cfg)
         save_training_state(tmp, step, model, optimizer, ema, {"config": asdict(cfg)})
+        if readout is not None:
+            with atomic_path(os.path.join(tmp, LABEL_READOUT_FILE)) as path:
+                save_file({k: v.detach().contiguous().cpu() for k, v in readout.state_dict().items()}, path)
 
 
 # ----------------------------------------------------------------------------------------------- the loop
@@ -180,13 +257,16 @@ def train_clip(model: CLIP3D, tokenizer: CLIPTokenizer, dataset: Dataset, cfg: C
     ckpt_dir, model_dir, resuming = open_run(out_dir, resume)
     model.train()
     model.set_gradient_checkpointing(cfg.gradient_checkpointing)
-    optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay)
+    readout = new_label_readout(model, cfg.seed) if cfg.label_weight > 0 else None
+    optimizer = make_optimizer([model] + ([readout] if readout is not None else []), cfg.lr, cfg.weight_decay)
     schedule = warmup_schedule(optimizer, cfg.warmup_steps, cfg.steps if cfg.lr_schedule == "cosine" else None)
     ema = EMA(model, cfg.ema_decay) if cfg.ema_decay else None
     step = 0
     if resuming:
         state = load_training_state(ckpt_dir, model, optimizer, ema, schedule, asdict(cfg), cfg.free_on_resume())
         step = int(state["step"])
+        if readout is not None:
+            readout.load_state_dict(load_file(os.path.join(ckpt_dir, LABEL_READOUT_FILE), device=str(device)))
         log(f"resumed at step {step} from {ckpt_dir}")
     losses = LossLog(os.path.join(out_dir, "loss.jsonl"), step if resuming else None)
     evals = LossLog(os.path.join(out_dir, "eval.jsonl"), step if resuming else None)
@@ -199,27 +279,33 @@ def train_clip(model: CLIP3D, tokenizer: CLIPTokenizer, dataset: Dataset, cfg: C
             log(f"step {done}: skipped, fewer than two readable pairs in the batch")
             schedule.step()
         else:
-            loss = contrastive_loss(model, tokenizer, batch, device, autocast, note)
+            loss, parts = clip_loss(model, tokenizer, batch, device, autocast, note, readout, cfg.label_weight)
             norm = apply_gradients(loss, optimizer, cfg.grad_clip, step, schedule)
             if ema is not None:
                 ema.update(model)
             if done % cfg.log_every == 0 or done == cfg.steps:
                 temperature = 1.0 / model.logit_scale.detach().clamp(max=LOGIT_SCALE_MAX).exp().item()
-                losses.log(step=done, loss=loss.item(), grad_norm=norm, lr=schedule.get_last_lr()[0],
-                           temperature=temperature, seconds=round(time.perf_counter() - start, 2))
-                log(f"step {done}/{cfg.steps} loss {loss.item():.4f} grad {norm:.3f} temperature {temperature:.4f}")
+                losses.log(step=done, loss=loss.item(), **{f"{k}_loss": v for k, v in parts.items()}, grad_norm=norm,
+                           lr=schedule.get_last_lr()[0], temperature=temperature,
+                           seconds=round(time.perf_counter() - start, 2))
+                shown = "".join(f" {k} {v:.4f}" for k, v in parts.items())
+                log(f"step {done}/{cfg.steps} loss {loss.item():.4f}{shown} grad {norm:.3f} "
+                    f"temperature {temperature:.4f}")
         if held_out is not None and (done % cfg.eval_every == 0 or done == cfg.steps):
             model.eval()
             with _weights(model, ema):
                 scores = evaluate_retrieval(model, tokenizer, held_out, cfg.batch_size, autocast, note, collate_fn,
-                                            cfg.num_workers)
+                                            cfg.num_workers, readout)
             model.train()
             evals.log(step=done, **scores)
             if scores["n"]:
+                shown = (f"; labels read from text {scores['label_acc_text']:.3f}, volume "
+                         f"{scores['label_acc_volume']:.3f} (majority {scores['label_acc_majority']:.3f})"
+                         if "label_acc_text" in scores else "")
                 log(f"eval step {done}: text->volume recall top-1 {scores['top1']:.3f} top-5 {scores['top5']:.3f} "
-                    f"over {scores['n']} held-out pairs")
+                    f"over {scores['n']} held-out pairs{shown}")
         if done % cfg.save_every == 0 or done == cfg.steps:
-            save_checkpoint(ckpt_dir, done, model, tokenizer, optimizer, ema, cfg)
+            save_checkpoint(ckpt_dir, done, model, tokenizer, optimizer, ema, cfg, readout)
     model.eval()
     model.set_gradient_checkpointing(False)
     with _weights(model, ema), atomic_dir(model_dir) as tmp:
@@ -336,6 +422,18 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     return p
 
 
+def check_labelled(dataset: Dataset, root: str) -> None:
+    """Every study of a (Subset of a) ``data.ctrate.CTRATEDataset`` must have finding labels."""
+    indices = range(len(dataset))
+    while isinstance(dataset, Subset):
+        indices, dataset = [dataset.indices[i] for i in indices], dataset.dataset
+    missing = [dataset.records[i].name for i in indices if dataset.records[i].labels is None]
+    if missing:
+        raise ValueError(f"--label-weight needs finding labels for every training pair, but {len(missing)} of "
+                         f"{len(indices)} in {root} have none (first: {missing[0]}): add them to "
+                         f"dataset/multi_abnormality_labels/train_predicted_labels.csv, or drop --label-weight")
+
+
 def read_settings(path: str | None) -> tuple[dict[str, Any], dict[str, Any]]:
     """(training settings, CLIP3D settings) from a ``--config`` JSON file."""
     if path is None:
@@ -359,6 +457,8 @@ def run(args: argparse.Namespace) -> None:
     cfg = CLIPTrainConfig(**{**train_settings, **given})
     cfg.validate()
     train, held = held_out_split(args.data, cfg.size, cfg.spacing, cfg.resize, cfg.eval_size)
+    if cfg.label_weight > 0:
+        check_labelled(train, args.data)
     ckpt = os.path.join(args.out, "checkpoint")
     if args.resume and checkpoint_state(args.out) is not None:  # the run's own model and tokenizer
         model = CLIP3D.from_pretrained(ckpt)  # train_clip loads its weights again, with the optimizer's state
