@@ -99,7 +99,7 @@ def main() -> int:
     gen_det, gen_hu, volumes = [], [], []
     t1 = time.time()
     for s in range(0, a.n_gen, a.batch):
-        vols = pipe(prompts[s:s + a.batch], steps=a.steps, guidance=a.guidance, seed=s)
+        vols = pipe(prompts[s:min(s + a.batch, a.n_gen)], steps=a.steps, guidance=a.guidance, seed=s)
         volumes += [v.float().cpu().numpy() for v in vols]
     t_sample = time.time() - t1
     for v in volumes:
