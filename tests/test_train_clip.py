@@ -15,8 +15,8 @@ from text2ct_engine.pipeline import Text2CTPipeline
 from text2ct_engine.text import encode_prompts, load_text_side
 from text2ct_engine.tokenizer import CLIPTokenizer
 from text2ct_engine.train.__main__ import main as train_main
-from text2ct_engine.train.clip import (LABEL_READOUT_FILE, CLIPTrainConfig, fresh_clip, label_accuracy,
-                                       read_preprocessing, train_clip)
+from text2ct_engine.evaluate.probe import label_accuracy
+from text2ct_engine.train.clip import LABEL_READOUT_FILE, CLIPTrainConfig, fresh_clip, read_preprocessing, train_clip
 from text2ct_engine.train.common import held_out_split
 
 from tiny_models import CONTEXT_DIM, tiny_pipeline

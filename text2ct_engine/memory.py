@@ -43,6 +43,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 from . import ops
+from .cli import check_output_file, run_guarded
 from .models import AutoencoderKL, DiffusionUNet
 from .pipeline import PipelineConfig, Text2CTPipeline
 from .tiling import tiled_decode
@@ -588,7 +589,6 @@ def check_args(args: argparse.Namespace) -> None:
     if args.backend not in ("triton", "torch"):
         raise ValueError(f"--backend must be triton or torch, got {args.backend!r}")
     if args.json:
-        from .cli import check_output_file
         check_output_file("--json", args.json, args.force)
 
 
@@ -655,7 +655,6 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .cli import run_guarded
     argv = list(sys.argv[1:] if argv is None else argv)
     return run_guarded(lambda: run(parse_args(argv), argv))
 

@@ -36,8 +36,7 @@ def reports(root: str, split: str) -> tuple[list[str], torch.Tensor]:
 
 
 @torch.no_grad()
-def embed(model: str, texts: list[str], batch: int = 64) -> torch.Tensor:
-    encoder, tokenizer = load_text_side(model, torch.device("cpu"))
+def embed(encoder, tokenizer, texts: list[str], batch: int = 64) -> torch.Tensor:
     return torch.cat([encode_prompts(encoder, tokenizer, texts[i:i + batch], torch.device("cpu"))[:, 0]
                       for i in range(0, len(texts), batch)]).double()
 
@@ -46,7 +45,8 @@ def run(args: argparse.Namespace) -> None:
     if args.json:
         check_output_file("--json", args.json, args.force)
     (train_t, train_y), (valid_t, valid_y) = reports(args.data, "train"), reports(args.data, "valid")
-    out = linear_probe(embed(args.model, train_t), train_y, embed(args.model, valid_t), valid_y)
+    encoder, tokenizer = load_text_side(args.model, torch.device("cpu"))
+    out = linear_probe(embed(encoder, tokenizer, train_t), train_y, embed(encoder, tokenizer, valid_t), valid_y)
     rows = [{"label": CTRATE_LABELS[k], "accuracy": a, "majority": m}
             for k, a, m in zip(out["kept"], out["accuracy"], out["majority"])]
     print(f"{len(train_t)} training / {len(valid_t)} held-out reports; {args.model}")

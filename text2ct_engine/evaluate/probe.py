@@ -10,6 +10,22 @@ import torch
 import torch.nn.functional as F
 
 
+def per_label_accuracy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """(L,) share of the N items whose ``logits > 0`` equals their 0/1 ``labels``, for (N, L) inputs."""
+    return ((logits > 0).to(labels.dtype) == labels).to(torch.float64).mean(0)
+
+
+def label_accuracy(logits: torch.Tensor, labels: torch.Tensor) -> tuple[float, float]:
+    """(accuracy of ``logits > 0``, accuracy of always answering each label's majority), averaged over the
+    labels that are present at least once in ``labels`` (N, L), so never-seen labels do not inflate it."""
+    present = labels.sum(0) > 0
+    if not present.any():
+        return float("nan"), float("nan")
+    share = labels.double().mean(0)
+    return (per_label_accuracy(logits, labels)[present].mean().item(),
+            torch.maximum(share, 1 - share)[present].mean().item())
+
+
 def linear_probe(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor, test_y: torch.Tensor,
                  l2: float = 1e-3, max_iter: int = 500) -> dict[str, list[float]]:
     """Held-out accuracy of per-label logistic regressions on (N, P) embeddings and (N, L) 0/1 labels.
@@ -42,6 +58,6 @@ def linear_probe(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Ten
 
     opt.step(closure)
     with torch.no_grad():
-        accuracy = ((b @ w + bias > 0).double() == yb).double().mean(0)
+        accuracy = per_label_accuracy(b @ w + bias, yb)
     majority = ((share[kept] >= 0.5).double() == yb).double().mean(0)
     return {"kept": kept, "accuracy": accuracy.tolist(), "majority": majority.tolist()}

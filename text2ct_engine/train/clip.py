@@ -9,8 +9,7 @@ the held-out pairs are embedded and text -> volume recall@1 / @5 is printed and 
 
 ``label_weight`` > 0 (not in Text2CT, whose CLIP saw 50k pairs) adds a supervised term for small data sets:
 one linear read-out shared by both towers (``LabelReadout``) must give the data's finding labels from
-either embedding, which puts the findings on the same directions of both; the held-out evaluation then also
-reports how well each embedding gives them.
+either embedding; the held-out evaluation then also reports how well each embedding gives them.
 
 A run directory gets ``model/`` (``clip/`` = the whole CLIP3D, whose text tower the pipeline reads, and
 ``tokenizer.json``), ``checkpoint/`` (resumable; also a CLIP3D directory), ``loss.jsonl`` and ``eval.jsonl``.
@@ -32,6 +31,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from ..data.labels import CTRATE_LABELS
+from ..evaluate.probe import label_accuracy
 from ..evaluate.retrieval import retrieval_recall
 from ..io_utils import atomic_dir, atomic_path, read_json_object, write_json
 from ..models import CLIP3D, CLIP3DConfig, CLIPTextConfig, CLIPTextModelWithProjection, VisionConfig3D
@@ -119,7 +119,8 @@ class LabelReadout(nn.Module):
     Training only (the pipeline never uses it). Why: with a few hundred pairs the contrastive loss is met by
     each tower memorising its own items; on the 400 phantoms of the demo model a linear probe read no finding
     out of either tower's held-out embeddings (no better than the majority label). A read-out shared by both
-    towers makes each embedding carry the findings, on the same directions for text and volume.
+    towers asks each embedding to carry the findings on the same directions; there the text tower then did
+    (held-out read-out 99.0 %), the small volume tower could not (79.5 %, majority 83.9 %).
     """
 
     def __init__(self, dim: int, num_labels: int = len(CTRATE_LABELS)) -> None:
@@ -161,17 +162,6 @@ def clip_loss(model: CLIP3D, tokenizer: CLIPTokenizer, batch: dict, device: torc
     label_loss = 0.5 * (F.binary_cross_entropy_with_logits(readout(out.text_embeds), labels)
                         + F.binary_cross_entropy_with_logits(readout(out.volume_embeds), labels))
     return out.loss + label_weight * label_loss, {"contrastive": out.loss.item(), "labels": label_loss.item()}
-
-
-def label_accuracy(logits: torch.Tensor, labels: torch.Tensor) -> tuple[float, float]:
-    """(accuracy of ``logits > 0``, accuracy of always answering each label's majority), averaged over the
-    labels that are present at least once in ``labels`` (N, L), so never-seen labels do not inflate it."""
-    present = labels.sum(0) > 0
-    if not present.any():
-        return float("nan"), float("nan")
-    hits = ((logits > 0).float() == labels).float().mean(0)
-    share = labels.mean(0)
-    return hits[present].mean().item(), torch.maximum(share, 1 - share)[present].mean().item()
 
 
 @torch.no_grad()
