@@ -23,14 +23,12 @@ import csv
 import io
 import multiprocessing as mp
 import os
-import shutil
 import sys
-import tempfile
 from dataclasses import dataclass
 
 import numpy as np
 
-from ..io_utils import atomic_path
+from ..io_utils import atomic_dir, atomic_path
 from .labels import CTRATE_LABELS, REPORT_COLUMNS
 from .phantom_anatomy import Anatomy
 from .phantom_findings import Findings, anatomy_kwargs, emphysema_mask, place_findings, render_findings, sample_findings
@@ -117,7 +115,7 @@ class _Job:
     index: int
     size: tuple[int, int, int]
     spacing: tuple[float, float, float]
-    root: str
+    vol_dir: str  # the split's volume folder (being written)
     split: str
 
 
@@ -126,7 +124,7 @@ def _make_one(job: _Job) -> dict:
 
     ph = generate_phantom(job.seed, job.index, job.size, job.spacing)
     patient, study, name = volume_names(job.split, job.index)
-    write_volume(os.path.join(job.root, f"{job.split}_fixed", patient, study, name), ph.hu, ph.affine)
+    write_volume(os.path.join(job.vol_dir, patient, study, name), ph.hu, ph.affine)
     rep = ph.report
     return {
         "index": job.index,
@@ -162,8 +160,9 @@ def make_dataset(out: str, n: int, size: tuple[int, int, int], spacing: tuple[fl
                  progress: bool = True) -> str:
     """Write ``n`` phantom studies in CT-RATE's layout under ``out/dataset``; returns that directory.
 
-    The volumes are written into a hidden folder and swapped in at the end, the split's CSVs rewritten
-    after them: an interrupted run leaves the previous data set as it was, never new volumes with old CSVs.
+    The volumes are written into a staging folder and swapped in at the end (:func:`io_utils.atomic_dir`,
+    which also recovers a swap cut short), the split's CSVs rewritten after them: an interrupted run leaves
+    the previous data set as it was, never new volumes with old CSVs.
     """
     spacing = spacing or default_spacing(size)
     if os.path.isdir(out) and os.listdir(out) and not force:
@@ -175,21 +174,26 @@ def make_dataset(out: str, n: int, size: tuple[int, int, int], spacing: tuple[fl
     os.makedirs(root, exist_ok=True)
     with open(os.path.join(root, MARKER), "w") as fh:
         fh.write("written by text2ct_engine.data.phantom\n")
-    staging = tempfile.mkdtemp(prefix=".tmp-phantom-", dir=root)
-    try:
+    rep_csv, lab_csv, meta_csv = (os.path.join(root, folder, name) for folder, name in
+                                  zip(("radiology_text_reports", "multi_abnormality_labels", "metadata"),
+                                      _csv_names(split)))
+    with atomic_dir(vol_dir) as staging:  # swapped in (old folder deleted) when the block ends without error
         results = _make_all(staging, n, size, spacing, seed, workers, split, progress)
-        _swap_in(staging, root, split, results)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        for path in (rep_csv, lab_csv, meta_csv):  # the old CSVs go just before the new volumes come in,
+            if os.path.exists(path):  # the new CSVs after them: volumes never meet another run's reports
+                os.remove(path)
+    write_csv(rep_csv, [r["report"] for r in results], REPORT_COLUMNS)
+    write_csv(lab_csv, [r["labels"] for r in results], ("VolumeName", *CTRATE_LABELS, *EXTRA_COLUMNS))
+    write_csv(meta_csv, [r["meta"] for r in results], list(results[0]["meta"]))
     return root
 
 
-def _make_all(root: str, n: int, size: tuple[int, int, int], spacing: tuple[float, float, float], seed: int,
+def _make_all(vol_dir: str, n: int, size: tuple[int, int, int], spacing: tuple[float, float, float], seed: int,
               workers: int, split: str, progress: bool) -> list[dict]:
-    """Write the ``n`` volumes under ``root/{split}_fixed``; their CSV rows, in index order."""
+    """Write the ``n`` volumes under ``vol_dir``; their CSV rows, in index order."""
     from tqdm import tqdm
 
-    jobs = [_Job(seed, i, tuple(size), tuple(spacing), root, split) for i in range(n)]  # type: ignore[arg-type]
+    jobs = [_Job(seed, i, tuple(size), tuple(spacing), vol_dir, split) for i in range(n)]  # type: ignore[arg-type]
     results: list[dict] = []
     bar = tqdm(total=n, desc="phantoms", unit="vol", disable=not progress)
     if workers <= 1:
@@ -204,24 +208,6 @@ def _make_all(root: str, n: int, size: tuple[int, int, int], spacing: tuple[floa
                 bar.update()
     bar.close()
     return sorted(results, key=lambda r: r["index"])
-
-
-def _swap_in(staging: str, root: str, split: str, results: list[dict]) -> None:
-    """Replace the split's volumes by those under ``staging`` and rewrite its CSVs: the old CSVs go first,
-    the new ones come last, so volumes are never paired with another run's reports and labels."""
-    rep_csv, lab_csv, meta_csv = (os.path.join(root, folder, name) for folder, name in
-                                  zip(("radiology_text_reports", "multi_abnormality_labels", "metadata"),
-                                      _csv_names(split)))
-    for path in (rep_csv, lab_csv, meta_csv):
-        if os.path.exists(path):
-            os.remove(path)
-    vol_dir = os.path.join(root, f"{split}_fixed")
-    if os.path.isdir(vol_dir):
-        os.replace(vol_dir, os.path.join(staging, "old"))  # deleted with the staging folder
-    os.replace(os.path.join(staging, f"{split}_fixed"), vol_dir)
-    write_csv(rep_csv, [r["report"] for r in results], REPORT_COLUMNS)
-    write_csv(lab_csv, [r["labels"] for r in results], ("VolumeName", *CTRATE_LABELS, *EXTRA_COLUMNS))
-    write_csv(meta_csv, [r["meta"] for r in results], list(results[0]["meta"]))
 
 
 # ------------------------------------------------------------------------------------------------ CLI
