@@ -31,6 +31,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from typing import Callable
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BENCH = os.path.join(ROOT, "benchmarks")
@@ -55,7 +56,9 @@ def _bench(script: str, *args: str) -> tuple[str, ...]:
     return (os.path.join(BENCH, script), *args)
 
 
-_TESTS = ("-m", "pytest", "tests/test_group_norm.py", "tests/test_attention.py", "-p", "no:cacheprovider")
+# attention first: its compiled tests are the ones no other stage covers, and a cut stage loses the last file
+_TESTS = ("-m", "pytest", "tests/test_attention.py", "tests/test_group_norm.py", "-p", "no:cacheprovider", "-v",
+          "--durations=10")
 
 STAGES = (
     Stage("gn-goal", "issue 3 goals: VAE shapes, bf16, forward and forward+backward vs torch eager",
@@ -112,7 +115,8 @@ STAGES = (
           cap_s=120),
 )
 STAGE_NAMES = tuple(s.name for s in STAGES)
-RESERVE_S = 15  # kept back for stopping a stage and writing the files
+RESERVE_S = 25  # kept back for stopping a stage (SIGINT, 10 s, SIGKILL, 10 s) and writing the files
+SAVE_EVERY_S = 15  # while a stage runs, its log and rows so far are saved this often (the call may be cut)
 
 
 # ------------------------------------------------------------------------------------------ set-up
@@ -145,8 +149,12 @@ def make_importable(env: dict, log) -> tuple[dict, str]:
     included: as installed, after ``pip install -e`` without dependencies, or through a folder of links."""
     if _importable(env, ROOT):
         return env, ROOT
-    pip = [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation", "-e", ROOT]
-    done = subprocess.run(pip, env=env, capture_output=True, text=True)
+    pip = [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation", "--no-index",
+           "--disable-pip-version-check", "-e", ROOT]  # offline: nothing to fetch, no index to wait for
+    try:
+        done = subprocess.run(pip, env=env, capture_output=True, text=True, timeout=120)
+    except subprocess.TimeoutExpired:
+        done = subprocess.CompletedProcess(pip, 1, "", "pip ran over 120 s")
     if done.returncode == 0 and _importable(env, ROOT):
         log("set-up: installed the checkout in place (pip -e, no dependencies)")
         return env, ROOT
@@ -171,23 +179,39 @@ def device_facts(env: dict) -> dict:
             "print(json.dumps({'torch': torch.__version__, 'triton': tv, 'cuda': torch.version.cuda,"
             " 'gpu': torch.cuda.get_device_name() if torch.cuda.is_available() else None}))")
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
-    facts.update(json.loads(out.stdout) if out.returncode == 0 else {"versions": out.stderr.strip()[-300:]})
-    git = subprocess.run(["git", "-C", ROOT, "rev-parse", "HEAD"], capture_output=True, text=True)
-    facts["commit"] = git.stdout.strip() if git.returncode == 0 else None
+    try:  # the last line: whatever an import prints before it is not ours
+        facts.update(json.loads(out.stdout.strip().splitlines()[-1]))
+    except (IndexError, ValueError):
+        facts["versions"] = (out.stderr or out.stdout).strip()[-300:]
+    try:
+        git = subprocess.run(["git", "-C", ROOT, "rev-parse", "HEAD"], capture_output=True, text=True, timeout=30)
+        facts["commit"] = git.stdout.strip() if git.returncode == 0 else None
+    except (OSError, subprocess.TimeoutExpired):  # no git on the machine: the commit is not known there
+        facts["commit"] = None
     return facts
 
 
 # ------------------------------------------------------------------------------------------ running
-def run_stage(argv: list[str], env: dict, timeout_s: float, log_path: str, cwd: str = ROOT
-              ) -> tuple[int | None, float, bool]:
+def run_stage(argv: list[str], env: dict, timeout_s: float, log_path: str, cwd: str = ROOT,
+              while_running: Callable[[], None] | None = None) -> tuple[int | None, float, bool]:
     """Run ``argv`` in ``cwd`` in its own process group with output to ``log_path``; stop the whole group
-    (SIGINT, then SIGKILL) at ``timeout_s``. Returns (exit code or None when stopped, seconds, cut)."""
+    (SIGINT, then SIGKILL) at ``timeout_s``; call ``while_running`` every SAVE_EVERY_S seconds meanwhile.
+    Returns (exit code or None when stopped, seconds, cut)."""
     start = time.monotonic()
+    end = start + max(timeout_s, 1)
     with open(log_path, "w") as log:
         proc = subprocess.Popen(argv, env=env, cwd=cwd, stdout=log, stderr=subprocess.STDOUT,
                                 start_new_session=True)
         try:
-            return proc.wait(timeout=max(timeout_s, 1)), time.monotonic() - start, False
+            while True:
+                try:
+                    rc = proc.wait(timeout=max(min(SAVE_EVERY_S, end - time.monotonic()), 0.01))
+                    return rc, time.monotonic() - start, False
+                except subprocess.TimeoutExpired:
+                    if time.monotonic() >= end:
+                        raise
+                    if while_running is not None:
+                        while_running()
         except subprocess.TimeoutExpired:
             for sig, grace in ((signal.SIGINT, 10), (signal.SIGKILL, 10)):
                 try:
@@ -222,12 +246,13 @@ def _atomic_write(path: str, text: str) -> None:
 
 
 def run_session(stages: list[Stage], out: str, budget_s: float, smoke: bool, env: dict,
-                log=print, facts: dict | None = None, cwd: str = ROOT) -> dict:
-    """Run ``stages`` in order within ``budget_s`` seconds, in ``cwd``; returns (and keeps writing) the
-    session record. ``facts`` replaces the device facts (tests)."""
+                log=print, facts: dict | None = None, cwd: str = ROOT, started: float | None = None) -> dict:
+    """Run ``stages`` in order within ``budget_s`` seconds from ``started`` (a ``time.monotonic()``; default
+    now), in ``cwd``; returns (and keeps writing) the session record. ``facts`` replaces the device facts
+    (tests)."""
     os.makedirs(out, exist_ok=True)
     work = tempfile.mkdtemp(prefix="gpu-session-")
-    deadline = time.monotonic() + budget_s
+    deadline = (time.monotonic() if started is None else started) + budget_s
     session = {"smoke": smoke, "budget_s": budget_s, "device": device_facts(env) if facts is None else facts,
                "stages": []}
     logs: list[str] = []
@@ -252,21 +277,52 @@ def run_session(stages: list[Stage], out: str, budget_s: float, smoke: bool, env
         record["command"] = " ".join(os.path.relpath(a, ROOT) if a.startswith(ROOT) else a for a in argv[1:])
         log(f"== {stage.name} (up to {timeout:.0f} s): {stage.why}")
         log_path = os.path.join(work, f"{stage.name}.log")
-        rc, seconds, cut = run_stage(argv, stage_env, timeout, log_path, cwd)
-        with open(log_path, errors="replace") as f:
-            text = f.read()
+
+        def collect(final: bool) -> str:
+            """The stage's log so far into ``record`` (pytest counts or benchmark rows)."""
+            with open(log_path, errors="replace") as f:
+                text = f.read()
+            if stage.pytest:
+                record["pytest"] = pytest_summary(text)
+            elif os.path.isfile(json_path):
+                try:
+                    with open(json_path) as f:
+                        record["result"] = json.load(f)
+                except ValueError:  # caught mid-rewrite (benchmarks write atomically; be safe anyway)
+                    pass
+            if not final:
+                record["running_s"] = round(time.monotonic() - began, 1)
+            return text
+
+        def save_partial() -> None:  # a call cut by the device tool still returns the stage so far
+            text = collect(final=False)
+            logs.append(f"==== {stage.name} (running): {record['command']}\n{text}\n")
+            save()
+            logs.pop()
+
+        began = time.monotonic()
+        rc, seconds, cut = run_stage(argv, stage_env, timeout, log_path, cwd, save_partial)
+        text = collect(final=True)
+        record.pop("running_s", None)
         logs.append(f"==== {stage.name}: {record['command']}\n{text}\n==== {stage.name}: exit {rc}, "
                     f"{seconds:.0f} s{', cut at the time limit' if cut else ''}\n\n")
         record.update(rc=rc, seconds=round(seconds, 1), cut=cut)
-        if stage.pytest:
-            record["pytest"] = pytest_summary(text)
-        elif os.path.isfile(json_path):
-            with open(json_path) as f:
-                record["result"] = json.load(f)
         log(f"   exit {rc}, {seconds:.0f} s{' (cut)' if cut else ''}")
         save()
     save()
     return session
+
+
+def refuse(out: str, why: str) -> int:
+    """One error line, and the same in ``out/session.json`` where that can be written: a device call that
+    could not start its stages still says why."""
+    print(f"error: {why}", file=sys.stderr)
+    try:
+        os.makedirs(out, exist_ok=True)
+        _atomic_write(os.path.join(out, "session.json"), json.dumps({"error": why, "stages": []}, indent=1) + "\n")
+    except OSError:
+        pass
+    return 2
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -276,6 +332,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--stages", default=",".join(STAGE_NAMES), help="comma list, in the order to run them")
     p.add_argument("--smoke", action="store_true", help="tiny CPU versions of every stage (checks the plumbing)")
     p.add_argument("--list", action="store_true", help="print the stages and exit")
+    started = time.monotonic()  # the budget counts from here: set-up (pip, imports) is part of the call
     args = p.parse_args(argv)
     if args.list:
         for s in STAGES:
@@ -289,16 +346,14 @@ def main(argv: list[str] | None = None) -> int:
     try:
         env, cwd = make_importable(dict(os.environ), print)
     except RuntimeError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        return refuse(args.out, str(err))
     if not args.smoke:
         check = subprocess.run([sys.executable, "-c", "import torch, sys; sys.exit(0 if torch.cuda.is_available() "
                                 "else 1)"], env=env)
         if check.returncode != 0:
-            print("error: no CUDA device here: run with --smoke to check the stages on a CPU", file=sys.stderr)
-            return 2
+            return refuse(args.out, "no CUDA device here: run with --smoke to check the stages on a CPU")
     session = run_session([s for n in names for s in STAGES if s.name == n], args.out, args.budget,
-                          args.smoke, env, cwd=cwd)
+                          args.smoke, env, cwd=cwd, started=started)
     failed = [s["name"] for s in session["stages"] if s.get("rc") not in (0,) or s.get("skipped")]
     print(f"wrote {os.path.join(args.out, 'session.json')} and session.log; "
           + (f"incomplete: {', '.join(failed)}" if failed else "every stage finished"))

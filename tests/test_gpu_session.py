@@ -104,13 +104,46 @@ def test_link_tree_imports_kernels_without_installing(tmp_path):
         assert os.path.realpath(os.path.join(folder, name)) == os.path.join(ROOT, name)
 
 
-def test_refuses_unknown_stage_and_cpu_without_smoke(capsys):
-    assert gs.main(["--stages", "gn-goal,nope"]) == 2
+def test_refuses_unknown_stage_and_cpu_without_smoke(capsys, tmp_path):
+    assert gs.main(["--stages", "gn-goal,nope", "--out", str(tmp_path)]) == 2
     assert "nope" in capsys.readouterr().err
     if not __import__("torch").cuda.is_available():
-        assert gs.main(["--stages", "gn-goal"]) == 2
+        assert gs.main(["--stages", "gn-goal", "--out", str(tmp_path)]) == 2
         err = capsys.readouterr().err.strip()
         assert "no CUDA device" in err and len(err.splitlines()) == 1
+        # the device call still returns why nothing ran
+        assert "no CUDA device" in json.loads((tmp_path / "session.json").read_text())["error"]
+
+
+def test_budget_counts_from_the_start_of_the_call(tmp_path):
+    """Set-up time (pip, imports) is spent from the same budget: 30 s of it gone leaves 10 s, too few to start."""
+    stage = gs.Stage("slow", "a stage that overruns", SLOW, SLOW, cap_s=3)
+    session = gs.run_session([stage], str(tmp_path), gs.RESERVE_S + 40, smoke=True, env=dict(os.environ),
+                             facts={}, log=lambda s: None, started=time.monotonic() - 30)
+    assert session["stages"][0]["skipped"] == "out of budget"
+
+
+def test_partial_save_while_a_stage_runs(tmp_path):
+    """What session.json holds mid-stage: the rows so far and the log, marked running."""
+    stage = gs.Stage("slow", "a stage that overruns", SLOW, SLOW, cap_s=4)
+    snapshots = []
+    real_atomic_write = gs._atomic_write
+
+    def spy(path, text):
+        real_atomic_write(path, text)
+        if path.endswith("session.json"):
+            snapshots.append(json.loads(text))
+        else:
+            snapshots.append(text)
+
+    gs._atomic_write, real_save_every, gs.SAVE_EVERY_S = spy, gs.SAVE_EVERY_S, 1
+    try:
+        gs.run_session([stage], str(tmp_path), 100, smoke=True, env=dict(os.environ), facts={}, log=lambda s: None)
+    finally:
+        gs._atomic_write, gs.SAVE_EVERY_S = real_atomic_write, real_save_every
+    running = [s for s in snapshots if isinstance(s, dict) and s["stages"] and "running_s" in s["stages"][0]]
+    assert running and running[-1]["stages"][0]["result"]["rows"] == [{"ms": 1.0}]
+    assert any(isinstance(s, str) and "slow (running)" in s and "measured one row" in s for s in snapshots)
 
 
 @pytest.mark.skipif(os.environ.get("TEXT2CT_SLOW_TESTS") != "1", reason="~90 s: TEXT2CT_SLOW_TESTS=1")
