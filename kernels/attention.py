@@ -46,11 +46,12 @@ before ``tl.dot`` because the interpreter's bf16 dot is wrong.
 from __future__ import annotations
 
 import functools
-import os
 
 import torch
 import triton
 import triton.language as tl
+
+from .launch import interpreting, on_input_device
 
 SUPPORTED_HEAD_DIMS = (16, 32, 64, 128)
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -62,10 +63,6 @@ LN2 = 0.6931471805599453
 INTERPRET_BLOCK_M = 32
 INTERPRET_BLOCK_N = 32
 _GPU_MAX_BLOCK_M = 128
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 # ------------------------------------------------------------------------------- boundary-aware loads
@@ -428,8 +425,8 @@ def _dot_setup(dtype: torch.dtype) -> tuple:
     if dtype == torch.float16:
         return tl.float16, "tf32"  # precision only matters for fp32 operands
     if dtype == torch.bfloat16:
-        return (tl.float32, "ieee") if _interpreting() else (tl.bfloat16, "tf32")
-    tf32 = torch.backends.cuda.matmul.allow_tf32 and not _interpreting()
+        return (tl.float32, "ieee") if interpreting() else (tl.bfloat16, "tf32")
+    tf32 = torch.backends.cuda.matmul.allow_tf32 and not interpreting()
     return tl.float32, ("tf32" if tf32 else "ieee")
 
 
@@ -461,11 +458,12 @@ def _mask_args(mask: torch.Tensor | None, like: torch.Tensor) -> tuple:
 
 def _blocks(block_m: int | None, block_n: int | None) -> tuple[int, int] | None:
     """Explicit block sizes (caller's, or the interpreter's defaults), or None to autotune on GPU."""
-    if block_m is None and block_n is None and not _interpreting():
+    if block_m is None and block_n is None and not interpreting():
         return None
     return (block_m or INTERPRET_BLOCK_M, block_n or INTERPRET_BLOCK_N)
 
 
+@on_input_device
 def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                       key_padding_mask: torch.Tensor | None = None, *,
                       out: torch.Tensor | None = None, lse: torch.Tensor | None = None,
@@ -527,6 +525,7 @@ DQ_MODES = ("separate", "atomic")
 DQ_MODE = "separate"
 
 
+@on_input_device
 def attention_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                        out: torch.Tensor, lse: torch.Tensor,
                        key_padding_mask: torch.Tensor | None = None, *,

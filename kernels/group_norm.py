@@ -65,15 +65,12 @@ interpreter use numpy < 2.4.
 from __future__ import annotations
 
 import dataclasses
-import os
 
 import torch
 import triton
 import triton.language as tl
 
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+from .launch import interpreting, on_input_device
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -517,7 +514,7 @@ def _pow2(n: int) -> int:
 
 
 def _tile_elems() -> int:
-    return 16384 if _interpreting() else 4096  # the interpreter pays per program, the GPU per register
+    return 16384 if interpreting() else 4096  # the interpreter pays per program, the GPU per register
 
 
 def one_pass_config(cg: int, s: int) -> GroupNormConfig:
@@ -543,7 +540,7 @@ def default_config(n: int, c: int, s: int, stride_c: int, stride_s: int, groups:
         block_c = max(1, min(_pow2(c), elems // block_s))
     programs = triton.cdiv(s, block_s) * triton.cdiv(c, block_c) * n
     tiles = 1
-    if not _interpreting():  # fewer, longer programs once there are plenty to fill the GPU
+    if not interpreting():  # fewer, longer programs once there are plenty to fill the GPU
         while tiles < 8 and programs // (2 * tiles) >= 8192 and triton.cdiv(s, block_s) >= 2 * tiles:
             tiles *= 2
     return GroupNormConfig(block_c, block_s, tiles, None, 8 if block_c * block_s >= 4096 else 4)
@@ -579,6 +576,7 @@ def _vec(t: torch.Tensor | None) -> torch.Tensor | None:
     return None if t is None else t.contiguous()
 
 
+@on_input_device
 def group_norm_fwd(x: torch.Tensor, num_groups: int, weight: torch.Tensor | None = None,
                    bias: torch.Tensor | None = None, add: torch.Tensor | None = None, eps: float = 1e-6,
                    act: str | None = None, out: torch.Tensor | None = None,
@@ -634,6 +632,7 @@ def group_norm_fwd(x: torch.Tensor, num_groups: int, weight: torch.Tensor | None
     return y, mean, rstd
 
 
+@on_input_device
 def group_norm_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
                    add: torch.Tensor | None, mean: torch.Tensor, rstd: torch.Tensor, num_groups: int,
                    act: str | None = None, dx_out: torch.Tensor | None = None,

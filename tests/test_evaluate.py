@@ -295,3 +295,22 @@ def test_json_target_is_checked_before_any_work(tmp_path, capsys):
     assert out.read_text() == "keep"
     assert evaluate_main([*base, "--json", str(out), "--force", "--no-progress"]) == 0
     assert json.loads(out.read_text())["metrics"]["hist"]["wasserstein1_hu"] == 0.0
+
+
+def test_folder_volumes_pair_with_prompt_lines_in_number_order(work, tmp_path):
+    """sample writes ct_998, ct_999, ct_1000 past 1000 prompts (or ct_0998 ... when it knows there are that
+    many): line i of prompts.txt must meet volume i either way, not ct_1000 after ct_100."""
+    from text2ct_engine.sample import numbered
+
+    assert [numbered("ct.nii.gz", i, 1001) for i in (0, 999, 1000)] == \
+        ["ct_0000.nii.gz", "ct_0999.nii.gz", "ct_1000.nii.gz"]
+    assert numbered("ct.nii.gz", 7, 12) == "ct_007.nii.gz" and numbered("ct.nii.gz", 0, 1) == "ct.nii.gz"
+    gen = tmp_path / "gen"
+    gen.mkdir()
+    src = open_set(str(work / "tiny"), "--real").studies[0].path
+    numbers = [2, 10, 100, 101, 1000]
+    for i in numbers:
+        os.link(src, gen / f"ct_{i:03d}.nii.gz")
+    (gen / "prompts.txt").write_text("".join(f"prompt {i}\n" for i in numbers), encoding="utf-8")
+    vs = open_set(str(gen), "--generated")
+    assert [(s.name, s.text) for s in vs.studies] == [(f"ct_{i:03d}.nii.gz", f"prompt {i}") for i in numbers]

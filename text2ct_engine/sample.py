@@ -35,13 +35,15 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
 
 
 def numbered(path: str, i: int, n: int) -> str:
-    """``ct.nii.gz`` -> ``ct_003.nii.gz`` when there are several outputs."""
+    """``ct.nii.gz`` -> ``ct_003.nii.gz`` when there are several outputs; at least 3 digits, as many as the
+    last number needs (``ct_0999`` of 1001), so that name order is prompt order."""
     if n == 1:
         return path
+    width = max(3, len(str(n - 1)))
     for ext in (".nii.gz", ".nii", ".png"):
         if path.endswith(ext):
-            return f"{path[:-len(ext)]}_{i:03d}{ext}"
-    return f"{path}_{i:03d}"
+            return f"{path[:-len(ext)]}_{i:0{width}d}{ext}"
+    return f"{path}_{i:0{width}d}"
 
 
 def read_prompts(args: argparse.Namespace) -> list[str]:

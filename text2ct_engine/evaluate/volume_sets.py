@@ -4,7 +4,8 @@ CT-RATE layout (CT-RATE itself, or ``python -m text2ct_engine.data.phantom``): v
 as :mod:`text2ct_engine.data.ctrate` reads them; split ``auto`` takes ``valid`` where there is one.
 
 A folder of NIfTIs (``python -m text2ct_engine.sample`` writes ``ct_000.nii.gz``, ``ct_001.nii.gz``, ...
-and no prompt beside them): the ``*.nii.gz`` / ``*.nii`` files directly in the folder, in name order, and
+and no prompt beside them): the ``*.nii.gz`` / ``*.nii`` files directly in the folder, in name order (numbers in names compared as
+numbers: ``ct_999`` before ``ct_1000``), and
 their prompts from ``--prompts FILE``, else ``prompts.csv`` or ``prompts.txt`` in the folder:
 
 - ``.txt``: one prompt per line (blank lines skipped), line i for the i-th volume in name order: the very
@@ -18,6 +19,7 @@ folded), so volumes generated from the real set's reports need no labels of thei
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -102,9 +104,14 @@ def _open_ctrate(path: str, base: str, flag: str, split: str) -> VolumeSet:
     return VolumeSet(flag, path, "ct-rate", split, studies, list(log.entries))
 
 
+def name_order(name: str) -> list:
+    """Sort key: runs of digits compare as numbers (``ct_999`` before ``ct_1000``), the rest as text."""
+    return [(0, int(part), "") if part.isdigit() else (1, 0, part) for part in re.split(r"(\d+)", name)]
+
+
 def _open_folder(path: str, flag: str, prompts: str | None) -> VolumeSet:
-    files = sorted(n for n in os.listdir(path) if n.endswith(VOLUME_EXTS) and not n.startswith(".")
-                   and os.path.isfile(os.path.join(path, n)))
+    files = sorted((n for n in os.listdir(path) if n.endswith(VOLUME_EXTS) and not n.startswith(".")
+                    and os.path.isfile(os.path.join(path, n))), key=name_order)
     if not files:
         raise ValueError(f"{flag} {path} holds no .nii.gz/.nii volume: give {LAYOUT_HINT}")
     studies = [Study(n, os.path.join(path, n)) for n in files]
