@@ -37,3 +37,16 @@ def test_notice_only_without_a_cached_build(tmp_path, monkeypatch, capsys):
     Path(folder, f"{name}.so").write_bytes(b"")  # what a finished build leaves
     assert cpp_ext._build() == name
     assert capsys.readouterr().err == ""
+
+
+def test_builds_of_other_environments_or_sources_get_their_own_folder(tmp_path, monkeypatch):
+    """Two virtual environments (or checkouts with other sources) on one machine must not share a build
+    folder: torch would rebuild each time the other one ran."""
+    src = tmp_path / "group_norm.cpp"
+    src.write_text("int f() { return 1; }\n")
+    here = cpp_ext.build_tag(src)
+    assert cpp_ext.build_tag(src) == here and len(here) == 10
+    monkeypatch.setattr(sys, "prefix", str(tmp_path / "other-venv"))
+    other_env = cpp_ext.build_tag(src)
+    src.write_text("int f() { return 2; }\n")
+    assert len({here, other_env, cpp_ext.build_tag(src)}) == 3

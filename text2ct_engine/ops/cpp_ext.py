@@ -40,16 +40,21 @@ def source_dir() -> Path | None:
     return None
 
 
-def _cpu_tag() -> str:
-    """Short hash of the CPU's feature flags: the library is built with -march=native, so a cache shared
-    by different CPUs must not hand one CPU's build to another."""
+def build_tag(source: Path) -> str:
+    """Short hash of what a build depends on: the CPU's feature flags (the library is built with
+    -march=native), the torch version and environment (headers, ABI) and the source text. Builds that differ
+    in any of them get their own folder, so two virtual environments or checkouts on one machine never
+    rebuild over each other's library (torch rebuilds silently, in ~20 s, when its build hash changes)."""
+    import torch
+
     flags = platform.machine()
     try:
         with open("/proc/cpuinfo") as f:
             flags += next((line for line in f if line.startswith(("flags", "Features"))), "")
     except OSError:
         pass
-    return hashlib.sha1(flags.encode()).hexdigest()[:8]
+    key = "\0".join((flags, torch.__version__, sys.prefix, source.read_text(errors="replace")))
+    return hashlib.sha1(key.encode()).hexdigest()[:10]
 
 
 def build_dir(name: str) -> Path:
@@ -69,7 +74,7 @@ def _build() -> ModuleType:
         raise FileNotFoundError("csrc/group_norm.cpp not found next to the package")
     from torch.utils import cpp_extension
     flags = ["-O3", "-fopenmp", "-march=native", "-fno-math-errno", "-fno-trapping-math"]
-    name = f"{_NAME}_{_cpu_tag()}"
+    name = f"{_NAME}_{build_tag(src / 'group_norm.cpp')}"
     folder = build_dir(name)
     if not (folder / f"{name}.so").is_file():  # a first run stalls for the build: say why
         print(f"text2ct_engine: building the C++ CPU kernels once (~30 s; cached in {folder})", file=sys.stderr,
