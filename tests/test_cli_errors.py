@@ -36,3 +36,21 @@ def test_value_error_and_success_unchanged_other_bugs_still_raise(capsys):
     assert run_guarded(lambda: None) == 0
     with pytest.raises(RuntimeError, match="a bug"):
         run_guarded(_raise(RuntimeError("a bug")))
+
+
+@pytest.mark.parametrize("argv", [
+    ["text2ct_engine.sample", "--prompt", "x", "--out", ""],
+    ["text2ct_engine.data.phantom", "--n", "1", "--out", ""],
+    ["text2ct_engine.train", "vae", "--data", "d", "--out", ""],
+    ["text2ct_engine.memory", "--json", ""],
+    ["text2ct_engine.evaluate", "--generated", "g", "--real", ""],
+])
+def test_an_empty_path_is_refused_before_any_work(argv, tmp_path):
+    """``--out "$OUT"`` with OUT unset must not write into the current folder."""
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-m", *argv], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    lines = done.stderr.strip().splitlines()
+    assert done.returncode == 2 and len(lines) == 1 and "empty path" in lines[0], done.stderr[-500:]
+    assert list(tmp_path.iterdir()) == []

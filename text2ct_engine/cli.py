@@ -1,12 +1,29 @@
 """What every ``python -m text2ct_engine.<verb>`` shares: a user's mistake is one ``error:`` line, exit 2."""
 from __future__ import annotations
 
+import argparse
 import sys
 import warnings
 from typing import Callable
 
 OOM_HINT = "try smaller inputs"
 _OOM_MARKERS = ("out of memory", "can't allocate memory")
+
+
+class Parser(argparse.ArgumentParser):
+    """The engine's command lines: a bad one is one ``error:`` line (what is wrong, where the help is) and
+    exit 2, never argparse's usage block; sub-commands inherit it."""
+
+    def error(self, message: str):  # type: ignore[override]
+        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
+
+
+def path(value: str) -> str:
+    """argparse ``type`` of a file or folder option: an empty value (an unset shell variable, ``--out ""``)
+    is refused, never read as the current folder."""
+    if not value.strip():
+        raise argparse.ArgumentTypeError("empty path: give a file or folder name")
+    return value
 
 
 def check_output_file(flag: str, path: str, force: bool) -> None:

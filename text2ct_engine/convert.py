@@ -9,7 +9,6 @@ with a JSON file of MONAI keyword arguments (``--unet-config``, ``--vae-config``
 """
 from __future__ import annotations
 
-import argparse
 import os
 import pickle
 import re
@@ -17,7 +16,7 @@ import sys
 
 import torch
 
-from .cli import run_guarded
+from .cli import Parser, run_guarded, path as cli_path
 from .io_utils import atomic_dir, check_creatable, check_replaceable_dir, read_json_object
 from .models import AutoencoderKL, DiffusionUNet
 from .models.serialization import strict_load
@@ -156,16 +155,16 @@ def convert(unet_path: str, vae_path: str, out: str, unet_config: str | None = N
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m text2ct_engine.convert", description=__doc__.split("\n\n")[0])
-    p.add_argument("--unet", required=True, help="diffusion UNet checkpoint (.pt)")
-    p.add_argument("--vae", required=True, help="MAISI autoencoder checkpoint (.pt)")
-    p.add_argument("--out", required=True, help="model directory to create")
-    p.add_argument("--unet-config", help="JSON file of DiffusionModelUNetMaisi keyword arguments")
-    p.add_argument("--vae-config", help="JSON file of AutoencoderKlMaisi keyword arguments")
+    p = Parser(prog="python -m text2ct_engine.convert", description=__doc__.split("\n\n")[0])
+    p.add_argument("--unet", type=cli_path, required=True, help="diffusion UNet checkpoint (.pt)")
+    p.add_argument("--vae", type=cli_path, required=True, help="MAISI autoencoder checkpoint (.pt)")
+    p.add_argument("--out", type=cli_path, required=True, help="model directory to create")
+    p.add_argument("--unet-config", type=cli_path, help="JSON file of DiffusionModelUNetMaisi keyword arguments")
+    p.add_argument("--vae-config", type=cli_path, help="JSON file of AutoencoderKlMaisi keyword arguments")
     p.add_argument("--scale-factor", type=float, help="latent scale factor (default: read from the UNet checkpoint)")
-    p.add_argument("--clip", help="Text2CT CLIP checkpoint (.pt) holding the text tower")
-    p.add_argument("--tokenizer", help="tokenizer.json to ship with the CLIP text tower")
-    p.add_argument("--clip-config", help="JSON file of the text tower's settings (heads, activation; HF names)")
+    p.add_argument("--clip", type=cli_path, help="Text2CT CLIP checkpoint (.pt) holding the text tower")
+    p.add_argument("--tokenizer", type=cli_path, help="tokenizer.json to ship with the CLIP text tower")
+    p.add_argument("--clip-config", type=cli_path, help="JSON file of the text tower's settings (heads, activation; HF names)")
     p.add_argument("--force", action="store_true", help="replace --out if it exists")
     args = p.parse_args(argv)
     return run_guarded(lambda: convert(args.unet, args.vae, args.out, args.unet_config, args.vae_config,

@@ -10,7 +10,7 @@ import sys
 import torch
 
 from . import __version__, ops
-from .cli import run_guarded
+from .cli import Parser, run_guarded
 
 
 def package_version(name: str) -> str:
@@ -62,7 +62,9 @@ def report() -> str:
     return "\n".join(lines)
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
+    Parser(prog="python -m text2ct_engine.info",
+           description="Versions, devices, and which backend each op uses here, and why.").parse_args(argv)
     return run_guarded(lambda: print(report()))
 
 

@@ -24,7 +24,6 @@ GPU is lent, by the compiled tests.
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import os
 import re
@@ -34,7 +33,7 @@ import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
-from .cli import run_guarded
+from .cli import Parser, run_guarded, path as cli_path
 from .io_utils import write_json
 
 
@@ -448,11 +447,11 @@ def format_table(results: list[dict]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m text2ct_engine.kernel_check", description=__doc__.split("\n\n")[0])
+    p = Parser(prog="python -m text2ct_engine.kernel_check", description=__doc__.split("\n\n")[0])
     p.add_argument("--arch", nargs="+", default=["sm86", "sm90"], help=f"targets: {' '.join(ARCHS)}")
     p.add_argument("--quick", action="store_true", help="a few representative shapes only")
     p.add_argument("--only", help="only the cases whose name contains this text, e.g. 'attention'")
-    p.add_argument("--json", help="write the reports to this JSON file")
+    p.add_argument("--json", type=cli_path, help="write the reports to this JSON file")
     args = p.parse_args(argv)
 
     problems: list[str] = []

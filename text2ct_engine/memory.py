@@ -43,7 +43,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 from . import ops
-from .cli import check_output_file, run_guarded
+from .cli import Parser, check_output_file, path as cli_path, run_guarded
 from .models import AutoencoderKL, DiffusionUNet
 from .pipeline import PipelineConfig, Text2CTPipeline
 from .tiling import tiled_decode
@@ -558,13 +558,8 @@ def summary(rows: Sequence[PhasePlan]) -> list[str]:
     return out
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # one line via run_guarded, not usage + message
-        raise ValueError(message)
-
-
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = _Parser(prog="python -m text2ct_engine.memory", description=__doc__.split("\n\n")[0])
+    p = Parser(prog="python -m text2ct_engine.memory", description=__doc__.split("\n\n")[0])
     p.add_argument("--volume", type=int, nargs=3, default=[512, 512, 128], metavar=("X", "Y", "Z"),
                    help="output voxels (default 512 512 128)")
     p.add_argument("--dtype", default="bf16", help="bf16 (default), fp16 or fp32")
@@ -573,9 +568,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--what", default="all", help="sample, train or all (default)")
     p.add_argument("--ema", action="store_true", help="training keeps an fp32 EMA copy of the UNet")
     p.add_argument("--backend", default="triton", help="ops backend for GroupNorm/attention: triton or torch")
-    p.add_argument("--unet-config", help="JSON file of DiffusionModelUNetMaisi keyword arguments (default: Text2CT)")
-    p.add_argument("--vae-config", help="JSON file of AutoencoderKlMaisi keyword arguments (default: Text2CT)")
-    p.add_argument("--json", help="also write the plan to this JSON file (atomic)")
+    p.add_argument("--unet-config", type=cli_path, help="JSON file of DiffusionModelUNetMaisi keyword arguments (default: Text2CT)")
+    p.add_argument("--vae-config", type=cli_path, help="JSON file of AutoencoderKlMaisi keyword arguments (default: Text2CT)")
+    p.add_argument("--json", type=cli_path, help="also write the plan to this JSON file (atomic)")
     p.add_argument("--force", action="store_true", help="overwrite an existing --json file")
     return p.parse_args(argv)
 
@@ -656,7 +651,11 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    return run_guarded(lambda: run(parse_args(argv), argv))
+    try:
+        args = parse_args(argv)
+    except SystemExit as done:  # --help, or a bad command line (its one error line is printed)
+        return int(done.code or 0)
+    return run_guarded(lambda: run(args, argv))
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ from functools import partial
 
 import torch
 
-from .cli import run_guarded
+from .cli import Parser, run_guarded, path as cli_path
 from .pipeline import (MAX_SEED, Text2CTPipeline, check_guidance, check_steps, has_text_encoder,
                        resolve_device)
 from .volume_io import check_writable, save_nifti, save_preview
@@ -73,12 +73,12 @@ def peak_memory() -> str:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m text2ct_engine.sample", description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", help="model directory (pipeline.json, unet/, vae/, clip/, tokenizer.json); default: "
+    p = Parser(prog="python -m text2ct_engine.sample", description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", type=cli_path, help="model directory (pipeline.json, unet/, vae/, clip/, tokenizer.json); default: "
                    "the built-in phantom demo model (not a clinical model)")
     p.add_argument("--prompt", action="append", help="report text; repeat for several volumes")
-    p.add_argument("--prompt-file", help="UTF-8 file with one prompt per line")
-    p.add_argument("--out", required=True, help="output .nii.gz (numbered when several prompts)")
+    p.add_argument("--prompt-file", type=cli_path, help="UTF-8 file with one prompt per line")
+    p.add_argument("--out", type=cli_path, required=True, help="output .nii.gz (numbered when several prompts)")
     p.add_argument("--steps", type=int, help="sampling steps (default: the model's, 30 for Text2CT)")
     p.add_argument("--guidance", type=float, help="classifier-free guidance scale (default: the model's, 5)")
     p.add_argument("--seed", type=int, default=0, help="seed of the first prompt; prompt i uses seed + i")
@@ -95,7 +95,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="tiled decode on a GPU: keep the stored activations on the GPU when they fit its free "
                         "memory (auto, default: no PCIe round trips), always in host RAM (host: least GPU "
                         "memory), or on the GPU (device)")
-    p.add_argument("--preview", help="also write a PNG montage of the mid-slices")
+    p.add_argument("--preview", type=cli_path, help="also write a PNG montage of the mid-slices")
     p.add_argument("--unconditional", action="store_true", help="allow empty prompts (unconditional samples)")
     p.add_argument("--force", action="store_true", help="overwrite existing outputs")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")

@@ -33,6 +33,7 @@ from typing import Iterable, Iterator, Sequence
 
 import torch
 
+from .cli import Parser, path as cli_path
 from .io_utils import atomic_path
 
 __all__ = ["CLIPTokenizer", "TokenizedPrompts", "PromptTruncatedWarning", "report_text", "read_corpus",
@@ -271,26 +272,19 @@ def _read_corpus_file(path: Path) -> list[str]:
         return [(row.get(col) or "") for row in reader]
 
 
-class _OneLineParser(argparse.ArgumentParser):
-    """argparse that reports bad input in one line (no usage block)."""
-
-    def error(self, message: str):  # type: ignore[override]
-        self.exit(2, f"error: {message}\n")
-
-
 def _build_parser() -> argparse.ArgumentParser:
-    parser = _OneLineParser(prog="python -m text2ct_engine.tokenizer", description=__doc__.split("\n")[0])
+    parser = Parser(prog="python -m text2ct_engine.tokenizer", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     tr = sub.add_parser("train", help="train a byte-level BPE tokenizer on reports")
-    tr.add_argument("--corpus", nargs="+", required=True, help="report CSV(s) or text file(s), one report a line")
+    tr.add_argument("--corpus", type=cli_path, nargs="+", required=True, help="report CSV(s) or text file(s), one report a line")
     tr.add_argument("--vocab-size", type=int, required=True)
-    tr.add_argument("--out", required=True, help="tokenizer.json to write")
+    tr.add_argument("--out", type=cli_path, required=True, help="tokenizer.json to write")
     tr.add_argument("--min-frequency", type=int, default=2)
     tr.add_argument("--context-length", type=int, default=DEFAULT_CONTEXT_LENGTH,
                     help="stored in the file; the text tower's max_position_embeddings (77 or 512)")
     tr.add_argument("--force", action="store_true", help="overwrite --out")
     en = sub.add_parser("encode", help="print the ids of a prompt")
-    en.add_argument("--tokenizer", required=True)
+    en.add_argument("--tokenizer", type=cli_path, required=True)
     en.add_argument("--prompt", required=True)
     en.add_argument("--context-length", type=int, default=None)
     return parser

@@ -20,7 +20,6 @@ CLI::
 """
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import os
@@ -32,6 +31,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch.utils.data import DataLoader, Dataset
 
+from ..cli import Parser as CLIParser, path as cli_path
 from ..io_utils import atomic_path, write_json
 from .ctrate import CTRATEDataset, collate, dataset_root
 from .errors import BadDataError, DataError
@@ -218,16 +218,11 @@ def load_vae(path: str, device: str = "cpu") -> torch.nn.Module:
     return AutoencoderKL.from_pretrained(vae_dir_of(path), device=device)
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):  # one line, no usage dump
-        self.exit(2, f"{self.prog}: error: {message}\n")
-
-
 def main(argv: list[str] | None = None) -> int:
-    p = _Parser(prog="python -m text2ct_engine.data.cache", description="Encode a CT-RATE-layout data set into a latent cache.")
-    p.add_argument("--data", required=True, help="CT-RATE-layout directory (holding dataset/ or its contents)")
-    p.add_argument("--vae", required=True, help="model directory (with vae/) or VAE directory")
-    p.add_argument("--out", required=True, help="cache directory (resumed if it exists)")
+    p = CLIParser(prog="python -m text2ct_engine.data.cache", description="Encode a CT-RATE-layout data set into a latent cache.")
+    p.add_argument("--data", type=cli_path, required=True, help="CT-RATE-layout directory (holding dataset/ or its contents)")
+    p.add_argument("--vae", type=cli_path, required=True, help="model directory (with vae/) or VAE directory")
+    p.add_argument("--out", type=cli_path, required=True, help="cache directory (resumed if it exists)")
     p.add_argument("--split", default="train", choices=("train", "valid"))
     p.add_argument("--size", type=int, nargs=3, default=(512, 512, 128), metavar=("X", "Y", "Z"))
     p.add_argument("--spacing", type=float, nargs=3, default=(0.75, 0.75, 3.0), metavar=("SX", "SY", "SZ"))

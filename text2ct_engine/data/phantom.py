@@ -28,6 +28,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..cli import Parser as CLIParser, path as cli_path
 from ..io_utils import atomic_dir, atomic_path
 from .labels import CTRATE_LABELS, REPORT_COLUMNS
 from .phantom_anatomy import Anatomy
@@ -211,19 +212,14 @@ def _make_all(vol_dir: str, n: int, size: tuple[int, int, int], spacing: tuple[f
 
 
 # ------------------------------------------------------------------------------------------------ CLI
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):  # one line, no usage dump
-        self.exit(2, f"{self.prog}: error: {message}\n")
-
-
 def _parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="python -m text2ct_engine.data.phantom",
+    p = CLIParser(prog="python -m text2ct_engine.data.phantom",
                 description="Write a phantom chest-CT data set in CT-RATE's layout.")
     p.add_argument("--n", type=int, required=True, help="number of studies")
     p.add_argument("--size", type=int, nargs=3, default=(128, 128, 128), metavar=("X", "Y", "Z"))
     p.add_argument("--spacing", type=float, nargs=3, default=None, metavar=("SX", "SY", "SZ"),
                    help=f"voxel size in mm (default: {DEFAULT_FOV_MM:g} mm field of view / size)")
-    p.add_argument("--out", required=True, help="output directory (volumes go to OUT/dataset/...)")
+    p.add_argument("--out", type=cli_path, required=True, help="output directory (volumes go to OUT/dataset/...)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workers", type=int, default=1)
     p.add_argument("--split", choices=("train", "valid"), default="train")

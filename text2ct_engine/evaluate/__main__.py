@@ -12,21 +12,21 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ..cli import check_output_file, run_guarded
+from ..cli import Parser, check_output_file, run_guarded, path as cli_path
 from ..io_utils import write_json
 from .evaluation import METRICS, EvalOptions, evaluate, parse_metrics
 from .report import format_report
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m text2ct_engine.evaluate", description=__doc__.split("\n\n")[0])
-    p.add_argument("--generated", required=True, help="generated volumes: CT-RATE layout or a folder of NIfTIs")
-    p.add_argument("--real", required=True, help="real volumes: CT-RATE layout (or a folder of NIfTIs)")
-    p.add_argument("--prompts", help="prompts of a --generated NIfTI folder: .txt (one per line, in file-name "
+    p = Parser(prog="python -m text2ct_engine.evaluate", description=__doc__.split("\n\n")[0])
+    p.add_argument("--generated", type=cli_path, required=True, help="generated volumes: CT-RATE layout or a folder of NIfTIs")
+    p.add_argument("--real", type=cli_path, required=True, help="real volumes: CT-RATE layout (or a folder of NIfTIs)")
+    p.add_argument("--prompts", type=cli_path, help="prompts of a --generated NIfTI folder: .txt (one per line, in file-name "
                                      "order) or .csv (file, prompt[, CT-RATE's 18 label columns])")
-    p.add_argument("--clip", help="CLIP3D directory (OUT/model of python -m text2ct_engine.train clip): needed "
+    p.add_argument("--clip", type=cli_path, help="CLIP3D directory (OUT/model of python -m text2ct_engine.train clip): needed "
                                   "by fid and clip")
-    p.add_argument("--tokenizer", help="tokenizer.json of the CLIP (default: in or beside --clip)")
+    p.add_argument("--tokenizer", type=cli_path, help="tokenizer.json of the CLIP (default: in or beside --clip)")
     p.add_argument("--clip-spacing", type=float, nargs=3, metavar=("SX", "SY", "SZ"),
                    help="resample to this spacing before the volume tower, as train clip's --spacing "
                         "(default: what the CLIP directory records)")
@@ -36,7 +36,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                                      f"allow)")
     p.add_argument("--split", choices=("auto", "train", "valid"), default="auto",
                    help="split of a CT-RATE-layout folder (auto: valid if present, else train)")
-    p.add_argument("--json", help="write the full result here (atomically; an existing file needs --force)")
+    p.add_argument("--json", type=cli_path, help="write the full result here (atomically; an existing file needs --force)")
     p.add_argument("--force", action="store_true", help="overwrite an existing --json file")
     p.add_argument("--workers", type=int, default=0, help="processes reading and measuring volumes")
     p.add_argument("--device", default="auto", help="device of the CLIP (auto, cpu, cuda)")

@@ -14,7 +14,6 @@ Self-test (accuracy per label on fresh phantoms)::
 """
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import time
@@ -24,6 +23,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..cli import Parser, path as cli_path
 from .morphology import Components, components, dilate, erode, label
 
 WORK_MM = 3.0
@@ -543,14 +543,14 @@ def format_table(result: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m text2ct_engine.evaluate.findings",
+    p = Parser(prog="python -m text2ct_engine.evaluate.findings",
                                 description="Detect phantom findings in a NIfTI volume, or score the detector.")
     p.add_argument("volume", nargs="?", help="NIfTI file (HU); prints the detection as JSON")
     p.add_argument("--selftest", action="store_true", help="score the detector on fresh phantoms")
     p.add_argument("--n", type=int, default=200)
     p.add_argument("--size", type=int, nargs=3, default=(128, 128, 128))
     p.add_argument("--seed", type=int, default=1000)
-    p.add_argument("--json", help="write the self-test result to this JSON file")
+    p.add_argument("--json", type=cli_path, help="write the self-test result to this JSON file")
     p.add_argument("--verbose", action="store_true")
     a = p.parse_args(argv)
     if a.selftest:

@@ -27,7 +27,7 @@ import sys
 import torch
 from torch.utils.data import Dataset
 
-from ..cli import run_guarded
+from ..cli import Parser, run_guarded, path as cli_path
 from ..pipeline import Text2CTPipeline, resolve_device
 from .clip import add_parser as add_clip_parser
 from .common import add_config_flags, add_run_flags, checkpoint_state
@@ -87,10 +87,10 @@ class CachedLatents(Dataset):
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m text2ct_engine.train", description=__doc__.split("\n\n")[0])
+    p = Parser(prog="python -m text2ct_engine.train", description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="what", required=True)
     ldm = sub.add_parser("ldm", help="train the diffusion UNet on cached latents")
-    ldm.add_argument("--model", required=True, help="model directory with unet/, vae/, clip/, tokenizer.json")
+    ldm.add_argument("--model", type=cli_path, required=True, help="model directory with unet/, vae/, clip/, tokenizer.json")
     add_run_flags(ldm, data_help="latent cache directory (python -m text2ct_engine.data.cache)")
     ldm.add_argument("--from-scratch", action="store_true", help="re-initialise the UNet instead of fine-tuning")
     ldm.add_argument("--scale-factor", default="model",

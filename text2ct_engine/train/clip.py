@@ -30,6 +30,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
+from ..cli import path as cli_path
 from ..data.labels import CTRATE_LABELS
 from ..evaluate.probe import label_accuracy
 from ..evaluate.retrieval import retrieval_recall
@@ -400,8 +401,8 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p = sub.add_parser("clip", help="train the 3D CLIP (volume + report towers) on paired data",
                        description=__doc__.split("\n\n")[0])
     add_run_flags(p, resume_help="continue the run in --out (its model and tokenizer)")
-    p.add_argument("--tokenizer", help="tokenizer.json, or a model directory holding one (default: --init's)")
-    p.add_argument("--init", help="CLIP3D directory or model directory (its clip/) to start from; a text "
+    p.add_argument("--tokenizer", type=cli_path, help="tokenizer.json, or a model directory holding one (default: --init's)")
+    p.add_argument("--init", type=cli_path, help="CLIP3D directory or model directory (its clip/) to start from; a text "
                                   "tower alone gets a fresh volume tower (default: a fresh CLIP3D)")
     p.add_argument("--config", help="JSON file of training settings (the options below, with underscores) and "
                                     "an optional \"model\" object of CLIP3D settings for a fresh model")

@@ -17,6 +17,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader, Dataset, Subset
 
+from ..cli import path as cli_path
 from ..io_utils import atomic_path, read_json_object, recover_dir, write_json
 
 
@@ -331,8 +332,8 @@ CTRATE_DATA_HELP = "CT-RATE-layout folder (CT-RATE, or python -m ...data.phantom
 def add_run_flags(parser: argparse.ArgumentParser, data_help: str = CTRATE_DATA_HELP,
                   resume_help: str = "continue the run in --out") -> None:
     """The flags every training command has: --data, --out (the run directory), --device, --resume."""
-    parser.add_argument("--data", required=True, help=data_help)
-    parser.add_argument("--out", required=True, help="run directory")
+    parser.add_argument("--data", type=cli_path, required=True, help=data_help)
+    parser.add_argument("--out", type=cli_path, required=True, help="run directory")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     parser.add_argument("--resume", action="store_true", help=resume_help)
 

@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset, Subset
 
+from ..cli import path as cli_path
 from ..models.discriminator import ADV_LOSSES, PatchDiscriminator, discriminator_adv_loss, generator_adv_loss
 from ..models.vae import AutoencoderKL, AutoencoderKLConfig
 from ..io_utils import atomic_dir
@@ -289,7 +290,7 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p = sub.add_parser("vae", help="train or fine-tune the 3D VAE on random patches",
                        description=__doc__.split("\n\n")[0])
     add_run_flags(p)
-    p.add_argument("--init", help="VAE directory, or model directory with vae/, to fine-tune (default: a fresh VAE)")
+    p.add_argument("--init", type=cli_path, help="VAE directory, or model directory with vae/, to fine-tune (default: a fresh VAE)")
     p.add_argument("--channels", type=int, nargs="+", help="fresh VAE: channels per level (default 64 128 256)")
     p.add_argument("--res-blocks", type=int, help="fresh VAE: ResBlocks per level (default 2)")
     p.add_argument("--latent-channels", type=int, help="fresh VAE: latent channels (default 4)")
