@@ -54,3 +54,8 @@ def test_an_empty_path_is_refused_before_any_work(argv, tmp_path):
     lines = done.stderr.strip().splitlines()
     assert done.returncode == 2 and len(lines) == 1 and "empty path" in lines[0], done.stderr[-500:]
     assert list(tmp_path.iterdir()) == []
+
+
+def test_ctrl_c_is_one_line_and_exit_130(capsys):
+    assert run_guarded(_raise(KeyboardInterrupt()), interrupted="resume with --resume") == 130
+    assert capsys.readouterr().err == "interrupted: resume with --resume\n"

@@ -61,15 +61,20 @@ def describe_os_error(err: OSError) -> str:
     return f"{' -> '.join(map(str, paths))}: {reason}" if paths else reason
 
 
-def run_guarded(job: Callable[[], object], oom_hint: str = OOM_HINT) -> int:
+def run_guarded(job: Callable[[], object], oom_hint: str = OOM_HINT,
+                interrupted: str = "every output written so far is complete; none is half-written") -> int:
     """Run ``job``; a ``ValueError`` (the engine's "bad input" signal) becomes one line on stderr and exit 2.
 
     So do a failed allocation (``out of memory: ...; <oom_hint>``) and an ``OSError`` (the path and why).
-    Warnings are printed as one ``warning:`` line each, without source locations.
+    Ctrl-C is one ``interrupted: <interrupted>`` line and exit 130. Warnings are printed as one ``warning:``
+    line each, without source locations.
     """
     warnings.showwarning = _warn_in_one_line
     try:
         job()
+    except KeyboardInterrupt:
+        print(f"interrupted: {interrupted}", file=sys.stderr)
+        return 130
     except ValueError as err:
         message = str(err)
     except OSError as err:

@@ -146,7 +146,8 @@ def scale_factor(args: argparse.Namespace, data: Dataset, seed: int, model_value
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    return run_guarded(lambda: getattr(args, "run", run)(args))
+    return run_guarded(lambda: getattr(args, "run", run)(args),
+                       interrupted="the last checkpoint is whole: the same command with --resume goes on from it")
 
 
 if __name__ == "__main__":
