@@ -163,3 +163,17 @@ def _check_attention_loops(reports, atomic):
         assert r["limit"] == "tensor" and r["tensor_ceiling"] == 1.0, r  # sm86: far fewer tensor FLOPs/clock
         seen.add(r["kernel"])
     assert seen == set(matmuls) - ({"_attn_bwd_dq_kernel"} if atomic else set())
+
+
+@pytest.mark.skipif(not HAS_PTXAS, reason="triton has no NVIDIA backend tools here")
+def test_runs_without_the_user_switching_the_interpreter_off():
+    """On a machine without CUDA the kernels package turns the interpreter on by default; the check, which
+    only compiles, keeps it off unless the user set TRITON_INTERPRET."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    cmd = [sys.executable, "-m", "text2ct_engine.kernel_check", "--arch", "sm86", "--only", "group_norm 2x256x32x32x8"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip().splitlines()[-1].endswith("kernel compilations, 0 problem(s)")
+    proc = subprocess.run(cmd, env=dict(env, TRITON_INTERPRET="1"), capture_output=True, text=True, timeout=600)
+    err = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(err) == 1 and "interpreter is on" in err[0], proc.stderr[-2000:]

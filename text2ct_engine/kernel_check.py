@@ -1,6 +1,6 @@
 """Compile every Triton kernel launch of the engine for a GPU architecture, on a machine without a GPU.
 
-    TRITON_INTERPRET=0 python -m text2ct_engine.kernel_check --arch sm86 sm89 sm90 [--quick] [--json F]
+    python -m text2ct_engine.kernel_check --arch sm86 sm89 sm90 [--quick] [--json F]
 
 The Triton interpreter proves the kernels' arithmetic on CPU, but not that they compile, nor what they
 cost in registers, spills and shared memory on a real card. Triton's compiler and ptxas run without a
@@ -239,7 +239,9 @@ def compile_for(arch: Arch, reports: list[KernelReport], case: str) -> Iterator[
     from triton.runtime import driver
 
     if knobs.runtime.interpret:
-        raise ValueError("TRITON_INTERPRET=1 is set: run the kernel check with TRITON_INTERPRET=0")
+        raise ValueError("the Triton interpreter is on (TRITON_INTERPRET=1, set by you or, on a machine without "
+                         "CUDA, by importing text2ct_engine.kernels first): run python -m text2ct_engine.kernel_check "
+                         "in its own process with TRITON_INTERPRET unset or 0")
     target = GPUTarget("cuda", arch.capability, 32)
     compiled: dict = {}
 
@@ -453,6 +455,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--only", help="only the cases whose name contains this text, e.g. 'attention'")
     p.add_argument("--json", type=cli_path, help="write the reports to this JSON file")
     args = p.parse_args(argv)
+    # This check compiles, it never runs a kernel: unless the user chose, keep the interpreter off, which the
+    # kernels package would otherwise switch on for a machine without CUDA when first imported.
+    os.environ.setdefault("TRITON_INTERPRET", "0")
 
     problems: list[str] = []
 
