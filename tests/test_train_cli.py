@@ -132,3 +132,18 @@ def test_zero_interval_is_one_line(made, tmp_path, capsys, flag):
     line = error_line(capsys, ldm_args(made, tmp_path / "run", "--steps", "2", flag, "0"))
     assert "must be at least 1, got 0" in line and flag in line
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("flag,value,expected", [("--lr", "-1", "finite number > 0"), ("--lr", "nan", "> 0"),
+                                                 ("--grad-clip", "0", "> 0"), ("--warmup-steps", "-3", ">= 0"),
+                                                 ("--ema-decay", "1.5", "between 0 and 1")])
+def test_bad_optimizer_setting_is_one_line_before_the_run_folder(made, tmp_path, capsys, flag, value, expected):
+    line = error_line(capsys, ldm_args(made, tmp_path / "run", "--steps", "2", flag, value))
+    assert expected in line and flag in line, line
+    assert not (tmp_path / "run").exists()
+
+
+def test_resume_without_a_checkpoint_says_it_starts_a_new_run(made, tmp_path, capsys):
+    capsys.readouterr()
+    assert train_main(ldm_args(made, tmp_path / "typo", "--steps", "1", "--resume")) == 0
+    assert "holds no checkpoint yet: starting a new run" in capsys.readouterr().err

@@ -164,7 +164,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--scale-factor", type=float, help="latent scale factor (default: read from the UNet checkpoint)")
     p.add_argument("--clip", type=cli_path, help="Text2CT CLIP checkpoint (.pt) holding the text tower")
     p.add_argument("--tokenizer", type=cli_path, help="tokenizer.json to ship with the CLIP text tower")
-    p.add_argument("--clip-config", type=cli_path, help="JSON file of the text tower's settings (heads, activation; HF names)")
+    p.add_argument("--clip-config", type=cli_path,
+                   help="JSON file of the text tower's settings (heads, activation; HF names)")
     p.add_argument("--force", action="store_true", help="replace --out if it exists")
     args = p.parse_args(argv)
     return run_guarded(lambda: convert(args.unet, args.vae, args.out, args.unet_config, args.vae_config,

@@ -568,8 +568,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--what", default="all", help="sample, train or all (default)")
     p.add_argument("--ema", action="store_true", help="training keeps an fp32 EMA copy of the UNet")
     p.add_argument("--backend", default="triton", help="ops backend for GroupNorm/attention: triton or torch")
-    p.add_argument("--unet-config", type=cli_path, help="JSON file of DiffusionModelUNetMaisi keyword arguments (default: Text2CT)")
-    p.add_argument("--vae-config", type=cli_path, help="JSON file of AutoencoderKlMaisi keyword arguments (default: Text2CT)")
+    p.add_argument("--unet-config", type=cli_path,
+                   help="JSON file of DiffusionModelUNetMaisi keyword arguments (default: Text2CT)")
+    p.add_argument("--vae-config", type=cli_path,
+                   help="JSON file of AutoencoderKlMaisi keyword arguments (default: Text2CT)")
     p.add_argument("--json", type=cli_path, help="also write the plan to this JSON file (atomic)")
     p.add_argument("--force", action="store_true", help="overwrite an existing --json file")
     return p.parse_args(argv)

@@ -74,7 +74,8 @@ def peak_memory() -> str:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = Parser(prog="python -m text2ct_engine.sample", description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", type=cli_path, help="model directory (pipeline.json, unet/, vae/, clip/, tokenizer.json); default: "
+    p.add_argument("--model", type=cli_path,
+                   help="model directory (pipeline.json, unet/, vae/, clip/, tokenizer.json); default: "
                    "the built-in phantom demo model (not a clinical model)")
     p.add_argument("--prompt", action="append", help="report text; repeat for several volumes")
     p.add_argument("--prompt-file", type=cli_path, help="UTF-8 file with one prompt per line")

@@ -276,7 +276,8 @@ def _build_parser() -> argparse.ArgumentParser:
     parser = Parser(prog="python -m text2ct_engine.tokenizer", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     tr = sub.add_parser("train", help="train a byte-level BPE tokenizer on reports")
-    tr.add_argument("--corpus", type=cli_path, nargs="+", required=True, help="report CSV(s) or text file(s), one report a line")
+    tr.add_argument("--corpus", type=cli_path, nargs="+", required=True,
+                    help="report CSV(s) or text file(s), one report a line")
     tr.add_argument("--vocab-size", type=int, required=True)
     tr.add_argument("--out", type=cli_path, required=True, help="tokenizer.json to write")
     tr.add_argument("--min-frequency", type=int, default=2)

@@ -219,8 +219,10 @@ def load_vae(path: str, device: str = "cpu") -> torch.nn.Module:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = CLIParser(prog="python -m text2ct_engine.data.cache", description="Encode a CT-RATE-layout data set into a latent cache.")
-    p.add_argument("--data", type=cli_path, required=True, help="CT-RATE-layout directory (holding dataset/ or its contents)")
+    p = CLIParser(prog="python -m text2ct_engine.data.cache",
+                  description="Encode a CT-RATE-layout data set into a latent cache.")
+    p.add_argument("--data", type=cli_path, required=True,
+                   help="CT-RATE-layout directory (holding dataset/ or its contents)")
     p.add_argument("--vae", type=cli_path, required=True, help="model directory (with vae/) or VAE directory")
     p.add_argument("--out", type=cli_path, required=True, help="cache directory (resumed if it exists)")
     p.add_argument("--split", default="train", choices=("train", "valid"))

@@ -20,11 +20,14 @@ from .report import format_report
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = Parser(prog="python -m text2ct_engine.evaluate", description=__doc__.split("\n\n")[0])
-    p.add_argument("--generated", type=cli_path, required=True, help="generated volumes: CT-RATE layout or a folder of NIfTIs")
+    p.add_argument("--generated", type=cli_path, required=True,
+                   help="generated volumes: CT-RATE layout or a folder of NIfTIs")
     p.add_argument("--real", type=cli_path, required=True, help="real volumes: CT-RATE layout (or a folder of NIfTIs)")
-    p.add_argument("--prompts", type=cli_path, help="prompts of a --generated NIfTI folder: .txt (one per line, in file-name "
+    p.add_argument("--prompts", type=cli_path,
+                   help="prompts of a --generated NIfTI folder: .txt (one per line, in file-name "
                                      "order) or .csv (file, prompt[, CT-RATE's 18 label columns])")
-    p.add_argument("--clip", type=cli_path, help="CLIP3D directory (OUT/model of python -m text2ct_engine.train clip): needed "
+    p.add_argument("--clip", type=cli_path,
+                   help="CLIP3D directory (OUT/model of python -m text2ct_engine.train clip): needed "
                                   "by fid and clip")
     p.add_argument("--tokenizer", type=cli_path, help="tokenizer.json of the CLIP (default: in or beside --clip)")
     p.add_argument("--clip-spacing", type=float, nargs=3, metavar=("SX", "SY", "SZ"),
@@ -36,7 +39,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                                      f"allow)")
     p.add_argument("--split", choices=("auto", "train", "valid"), default="auto",
                    help="split of a CT-RATE-layout folder (auto: valid if present, else train)")
-    p.add_argument("--json", type=cli_path, help="write the full result here (atomically; an existing file needs --force)")
+    p.add_argument("--json", type=cli_path,
+                   help="write the full result here (atomically; an existing file needs --force)")
     p.add_argument("--force", action="store_true", help="overwrite an existing --json file")
     p.add_argument("--workers", type=int, default=0, help="processes reading and measuring volumes")
     p.add_argument("--device", default="auto", help="device of the CLIP (auto, cpu, cuda)")

@@ -4,9 +4,9 @@ CT-RATE layout (CT-RATE itself, or ``python -m text2ct_engine.data.phantom``): v
 as :mod:`text2ct_engine.data.ctrate` reads them; split ``auto`` takes ``valid`` where there is one.
 
 A folder of NIfTIs (``python -m text2ct_engine.sample`` writes ``ct_000.nii.gz``, ``ct_001.nii.gz``, ...
-and no prompt beside them): the ``*.nii.gz`` / ``*.nii`` files directly in the folder, in name order (numbers in names compared as
-numbers: ``ct_999`` before ``ct_1000``), and
-their prompts from ``--prompts FILE``, else ``prompts.csv`` or ``prompts.txt`` in the folder:
+and no prompt beside them): the ``*.nii.gz`` / ``*.nii`` files directly in the folder, in name order
+(numbers in names compared as numbers: ``ct_999`` before ``ct_1000``), and their prompts from
+``--prompts FILE``, else ``prompts.csv`` or ``prompts.txt`` in the folder:
 
 - ``.txt``: one prompt per line (blank lines skipped), line i for the i-th volume in name order: the very
   file given to ``sample --prompt-file``;

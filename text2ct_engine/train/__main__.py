@@ -90,7 +90,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = Parser(prog="python -m text2ct_engine.train", description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="what", required=True)
     ldm = sub.add_parser("ldm", help="train the diffusion UNet on cached latents")
-    ldm.add_argument("--model", type=cli_path, required=True, help="model directory with unet/, vae/, clip/, tokenizer.json")
+    ldm.add_argument("--model", type=cli_path, required=True,
+                     help="model directory with unet/, vae/, clip/, tokenizer.json")
     add_run_flags(ldm, data_help="latent cache directory (python -m text2ct_engine.data.cache)")
     ldm.add_argument("--from-scratch", action="store_true", help="re-initialise the UNet instead of fine-tuning")
     ldm.add_argument("--scale-factor", default="model",

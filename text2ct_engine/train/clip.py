@@ -40,7 +40,7 @@ from ..models.clip3d import LOGIT_SCALE_MAX
 from ..text import CLIP_DIR, TOKENIZER_FILE, check_text_side, save_text_side
 from ..tokenizer import CLIPTokenizer
 from .common import (EMA, LossLog, TruncationNote, add_config_flags, add_run_flags, apply_gradients,
-                     autocast_enabled, check_intervals, checkpoint_state, held_out_split,
+                     autocast_enabled, check_intervals, check_optimizer_settings, checkpoint_state, held_out_split,
                      load_training_state, open_run, resumable_batches, save_training_state,
                      typed_settings, warmup_schedule)
 
@@ -86,6 +86,7 @@ class CLIPTrainConfig:
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
         check_intervals(self, ("log_every", "save_every", "eval_every"))
+        check_optimizer_settings(self)
         if not 0.0 <= self.label_weight < float("inf"):
             raise ValueError(f"label_weight must be a finite number >= 0, got {self.label_weight}")
         autocast_enabled(self.mixed_precision, torch.device("cpu"))  # checks the value
@@ -401,8 +402,10 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p = sub.add_parser("clip", help="train the 3D CLIP (volume + report towers) on paired data",
                        description=__doc__.split("\n\n")[0])
     add_run_flags(p, resume_help="continue the run in --out (its model and tokenizer)")
-    p.add_argument("--tokenizer", type=cli_path, help="tokenizer.json, or a model directory holding one (default: --init's)")
-    p.add_argument("--init", type=cli_path, help="CLIP3D directory or model directory (its clip/) to start from; a text "
+    p.add_argument("--tokenizer", type=cli_path,
+                   help="tokenizer.json, or a model directory holding one (default: --init's)")
+    p.add_argument("--init", type=cli_path,
+                   help="CLIP3D directory or model directory (its clip/) to start from; a text "
                                   "tower alone gets a fresh volume tower (default: a fresh CLIP3D)")
     p.add_argument("--config", help="JSON file of training settings (the options below, with underscores) and "
                                     "an optional \"model\" object of CLIP3D settings for a fresh model")

@@ -9,6 +9,7 @@ import dataclasses
 import json
 import math
 import os
+import sys
 import typing
 import warnings
 from typing import Any, Callable, Iterator, Sequence
@@ -153,6 +154,9 @@ def open_run(out_dir: str, resume: bool) -> tuple[str, str, bool]:
     if os.path.exists(ckpt_dir) and not resume:
         raise ValueError(f"{out_dir} already holds a training run: pass --resume to continue it, or pick "
                          f"another --out")
+    if resume and not os.path.exists(ckpt_dir):  # fine for a job that is always started with --resume,
+        # but a mistyped --out should not go unnoticed
+        print(f"note: --resume: {out_dir} holds no checkpoint yet: starting a new run there", file=sys.stderr)
     os.makedirs(out_dir, exist_ok=True)
     return ckpt_dir, model_dir, resume and os.path.exists(ckpt_dir)
 
@@ -164,6 +168,25 @@ def check_intervals(cfg: Any, names: Sequence[str] = ("log_every", "save_every")
             raise ValueError(f"{name} (--{name.replace('_', '-')}) must be at least 1, got {getattr(cfg, name)}")
     if getattr(cfg, "num_workers", 0) < 0:
         raise ValueError(f"num_workers (--num-workers) must be 0 or more, got {cfg.num_workers}")
+
+
+def check_optimizer_settings(cfg: Any, rates: Sequence[str] = ("lr",)) -> None:
+    """The optimizer numbers every training config has, checked before a run folder is made: learning
+    rates (``rates``) and ``grad_clip`` finite and > 0, ``weight_decay`` and ``warmup_steps`` >= 0,
+    ``ema_decay`` off (None) or in (0, 1)."""
+    def flag(name: str) -> str:
+        return f"{name} (--{name.replace('_', '-')})"
+
+    for name in (*rates, "grad_clip"):
+        value = getattr(cfg, name)
+        if not (math.isfinite(value) and value > 0):
+            raise ValueError(f"{flag(name)} must be a finite number > 0, got {value}")
+    for name in ("weight_decay", "warmup_steps"):
+        value = getattr(cfg, name)
+        if not (math.isfinite(value) and value >= 0):
+            raise ValueError(f"{flag(name)} must be a finite number >= 0, got {value}")
+    if cfg.ema_decay is not None and not 0.0 < cfg.ema_decay < 1.0:
+        raise ValueError(f"{flag('ema_decay')} must lie strictly between 0 and 1 (0: off), got {cfg.ema_decay}")
 
 
 def check_resumed_config(saved: dict | None, current: dict, free: Sequence[str]) -> None:

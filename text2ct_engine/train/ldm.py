@@ -23,8 +23,8 @@ from ..pipeline import Text2CTPipeline
 from ..schedulers import RFlowScheduler
 from ..io_utils import atomic_dir
 from .common import (EMA, LossLog, TruncationNote, apply_gradients, autocast_enabled, check_intervals,
-                     load_training_state, open_run, resumable_batches, save_training_state,
-                     warmup_schedule)
+                     check_optimizer_settings, load_training_state, open_run, resumable_batches,
+                     save_training_state, warmup_schedule)
 
 FREE_ON_RESUME = ("steps", "log_every", "save_every", "num_workers", "gradient_checkpointing")  # no effect on the math
 SCALE_SAMPLE = 64  # cached latents that --scale-factor auto measures
@@ -53,6 +53,7 @@ class LDMTrainConfig:
         if not 0.0 <= self.cond_drop_prob <= 1.0:
             raise ValueError(f"cond_drop_prob must lie in [0, 1], got {self.cond_drop_prob}")
         check_intervals(self)
+        check_optimizer_settings(self)
 
 
 def compute_scale_factor(latents: torch.Tensor) -> float:

@@ -34,7 +34,7 @@ from ..models.discriminator import ADV_LOSSES, PatchDiscriminator, discriminator
 from ..models.vae import AutoencoderKL, AutoencoderKLConfig
 from ..io_utils import atomic_dir
 from .common import (EMA, LossLog, add_config_flags, add_run_flags, apply_gradients, autocast_enabled,
-                     check_intervals, checkpoint_state, held_out_split, load_training_state,
+                     check_intervals, check_optimizer_settings, checkpoint_state, held_out_split, load_training_state,
                      open_run, resumable_batches, save_training_state, warmup_schedule)
 
 DISC_DIR = "discriminator"  # the discriminator's resumable state, inside out/checkpoint
@@ -81,6 +81,7 @@ class VAETrainConfig:
         if self.adv_loss not in ADV_LOSSES:
             raise ValueError(f"adv_loss must be one of {ADV_LOSSES}, got {self.adv_loss!r}")
         check_intervals(self, ("log_every", "save_every", "eval_every"))
+        check_optimizer_settings(self, rates=("lr", "disc_lr"))
         if self.eval_slab < 0:
             raise ValueError(f"eval_slab (--eval-slab) must be 0 or more, got {self.eval_slab}")
 
@@ -290,7 +291,8 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p = sub.add_parser("vae", help="train or fine-tune the 3D VAE on random patches",
                        description=__doc__.split("\n\n")[0])
     add_run_flags(p)
-    p.add_argument("--init", type=cli_path, help="VAE directory, or model directory with vae/, to fine-tune (default: a fresh VAE)")
+    p.add_argument("--init", type=cli_path,
+                   help="VAE directory, or model directory with vae/, to fine-tune (default: a fresh VAE)")
     p.add_argument("--channels", type=int, nargs="+", help="fresh VAE: channels per level (default 64 128 256)")
     p.add_argument("--res-blocks", type=int, help="fresh VAE: ResBlocks per level (default 2)")
     p.add_argument("--latent-channels", type=int, help="fresh VAE: latent channels (default 4)")
