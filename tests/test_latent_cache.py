@@ -155,3 +155,20 @@ def test_cache_cli_refuses_a_size_the_vae_cannot_encode_whole(data_root, tmp_pat
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "multiples of the VAE's downsampling factor 4" in err[0] and "28 28 12" in err[0]
     assert not os.path.exists(tmp_path / "c" / INDEX)
+
+
+def test_cache_refuses_a_folder_that_is_not_a_cache(data_root, tmp_path):
+    """A non-empty folder without an index (generated volumes, say) is not written into; nor is a file."""
+    folder = tmp_path / "generated"
+    folder.mkdir()
+    (folder / "ct_000.nii.gz").write_bytes(b"keep")
+    with pytest.raises(DataError, match="not a latent cache"):
+        build_latent_cache(_ds(data_root), TinyVAE(), str(folder), dtype=torch.float32, progress=False)
+    assert sorted(os.listdir(folder)) == ["ct_000.nii.gz"]
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(DataError, match="is not a folder"):
+        build_latent_cache(_ds(data_root), TinyVAE(), str(tmp_path / "afile"), dtype=torch.float32, progress=False)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    idx = build_latent_cache(_ds(data_root), TinyVAE(), str(empty), dtype=torch.float32, progress=False)
+    assert len(idx["entries"]) == 5 and os.path.isfile(empty / INDEX)

@@ -31,7 +31,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch.utils.data import DataLoader, Dataset
 
-from ..cli import Parser as CLIParser, path as cli_path
+from ..cli import Parser as CLIParser, describe_os_error, path as cli_path
 from ..io_utils import atomic_path, write_json
 from .ctrate import CTRATEDataset, collate, dataset_root
 from .errors import BadDataError, DataError
@@ -91,6 +91,11 @@ def build_latent_cache(dataset: CTRATEDataset, vae: torch.nn.Module, out_dir: st
     """
     from tqdm import tqdm
 
+    if os.path.lexists(out_dir) and not os.path.isdir(out_dir):
+        raise DataError(f"--out {out_dir} exists and is not a folder: give a cache folder (new or resumed)")
+    if os.path.isdir(out_dir) and os.listdir(out_dir) and not os.path.exists(os.path.join(out_dir, INDEX)):
+        raise DataError(f"--out {out_dir} holds files but no {INDEX}: it is not a latent cache; give a new or "
+                        f"empty folder, or an existing cache to resume")
     os.makedirs(out_dir, exist_ok=True)
     config = cache_config(dataset, vae_name, dtype, module_digest(vae))
     idx = load_index(out_dir) or {"format": FORMAT, "version": 1, "config": config, "shards": [], "entries": {},
@@ -253,7 +258,7 @@ def main(argv: list[str] | None = None) -> int:
         idx = build_latent_cache(ds, vae, a.out, a.shard_size, a.batch_size, a.device, getattr(torch, a.dtype),
                                  a.workers, vae_name=os.path.abspath(a.vae))
     except (DataError, BadDataError, ValueError, OSError) as e:
-        print(f"{p.prog}: error: {e}", file=sys.stderr)
+        print(f"{p.prog}: error: {describe_os_error(e) if isinstance(e, OSError) else e}", file=sys.stderr)
         return 1
     print(f"{len(idx['entries'])} latents in {a.out} ({len(idx['skipped'])} skipped)")
     for path, reason in idx["skipped"]:

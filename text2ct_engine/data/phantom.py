@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..cli import Parser as CLIParser, path as cli_path
+from ..cli import Parser as CLIParser, describe_os_error, path as cli_path
 from ..io_utils import atomic_dir, atomic_path
 from .labels import CTRATE_LABELS, REPORT_COLUMNS
 from .phantom_anatomy import Anatomy
@@ -249,7 +249,7 @@ def main(argv: list[str] | None = None) -> int:
         root = make_dataset(a.out, a.n, tuple(a.size), tuple(a.spacing) if a.spacing else None, a.seed, a.workers,
                             a.split, a.force, progress=not a.quiet)
     except (OSError, ValueError) as e:
-        print(f"{p.prog}: error: {e}", file=sys.stderr)
+        print(f"{p.prog}: error: {describe_os_error(e) if isinstance(e, OSError) else e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print(f"{p.prog}: interrupted", file=sys.stderr)
