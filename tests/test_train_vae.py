@@ -196,3 +196,25 @@ def test_interrupted_run_resumes_with_an_exact_log_and_checkpoint(phantoms, tmp_
     with pytest.raises(ValueError, match="other settings than the run started with \\(kl_weight"):
         train_vae(tiny_vae(), data, config(**{**vars(cfg), "kl_weight": 1e-3}), str(tmp_path / "b"), held,
                   resume=True, log=quiet)
+
+
+def test_an_unreadable_volume_is_named_once_and_summed_up_at_the_end(phantoms, tmp_path, capsys):
+    import shutil
+
+    from text2ct_engine.data import ctrate
+
+    root = tmp_path / "d"
+    shutil.copytree(phantoms, root)
+    bad = next((root / "dataset" / "train_fixed").rglob("*.nii.gz"))
+    with open(bad, "r+b") as fh:
+        fh.truncate(100)
+    ctrate._REPORTED.discard(str(bad))
+    lines = []
+    # 5 volumes, batch 1, 10 steps: two epochs, so the bad file comes up twice
+    train_vae(tiny_vae(), dataset(root), config(steps=10, batch_size=1, save_every=10), str(tmp_path / "run"),
+              log=lines.append, collate_fn=ctrate.collate)
+    err = capsys.readouterr().err
+    assert err.count(f"skipped {bad}") == 1, err
+    assert sum("every volume of the batch was unreadable" in line for line in lines) == 2
+    summary = [line for line in lines if line.startswith("skipped 1 unreadable volume(s)")]
+    assert len(summary) == 1 and str(bad) in summary[0]

@@ -293,6 +293,9 @@ class _Probe(Dataset):
         return i, ""
 
 
+_REPORTED: set[str] = set()  # bad files collate has named in this process
+
+
 def collate(batch: list[dict[str, Any]]) -> dict[str, Any]:
     """Stack good samples, drop ``skip`` samples and list them under ``skipped`` as (path, reason).
 
@@ -300,8 +303,10 @@ def collate(batch: list[dict[str, Any]]) -> dict[str, Any]:
     """
     good = [b for b in batch if not b.get("skip")]
     out: dict[str, Any] = {"skipped": [(b["path"], b["reason"]) for b in batch if b.get("skip")]}
-    for b in out["skipped"]:
-        print(f"skipped {b[0]}: {b[1]}", file=sys.stderr)
+    for path, reason in out["skipped"]:
+        if path not in _REPORTED:  # once per process: a training run meets a bad file every epoch
+            _REPORTED.add(path)
+            print(f"skipped {path}: {reason}", file=sys.stderr)
     if not good:
         out.update(volume=None, text=[], name=[], spacing=None, labels=None)
         return out

@@ -33,9 +33,9 @@ from ..cli import path as cli_path
 from ..models.discriminator import ADV_LOSSES, PatchDiscriminator, discriminator_adv_loss, generator_adv_loss
 from ..models.vae import AutoencoderKL, AutoencoderKLConfig
 from ..io_utils import atomic_dir
-from .common import (EMA, LossLog, add_config_flags, add_run_flags, apply_gradients, autocast_enabled,
-                     check_intervals, check_optimizer_settings, checkpoint_state, held_out_split, load_training_state,
-                     open_run, resumable_batches, save_training_state, warmup_schedule)
+from .common import (EMA, LossLog, SkippedVolumes, add_config_flags, add_run_flags, apply_gradients,
+                     autocast_enabled, check_intervals, check_optimizer_settings, checkpoint_state, held_out_split,
+                     load_training_state, open_run, resumable_batches, save_training_state, warmup_schedule)
 
 DISC_DIR = "discriminator"  # the discriminator's resumable state, inside out/checkpoint
 FREE_ON_RESUME = ("steps", "log_every", "save_every", "eval_every", "eval_slab", "num_workers",
@@ -205,7 +205,9 @@ def train_vae(vae: AutoencoderKL, dataset: Dataset, cfg: VAETrainConfig, out_dir
     losses = LossLog(os.path.join(out_dir, "loss.jsonl"), step if resuming else None)
     start = time.perf_counter()
     batches = resumable_batches(dataset, cfg.batch_size, cfg.seed, step, cfg.num_workers, collate_fn)
+    skipped = SkippedVolumes(log)
     for step, batch in zip(range(step, cfg.steps), batches):
+        skipped.add(batch)
         done = step + 1
         if batch["volume"] is not None:
             seed = 2 * (cfg.seed * 1_000_003 + step)  # crops draw from seed, the latent noise from seed + 1
@@ -244,6 +246,7 @@ def train_vae(vae: AutoencoderKL, dataset: Dataset, cfg: VAETrainConfig, out_dir
     vae.eval().set_gradient_checkpointing(False)
     with ema.applied(vae) if ema is not None else contextlib.nullcontext(), atomic_dir(model_dir) as tmp:
         vae.save_pretrained(tmp)
+    skipped.summary()
     log(f"wrote {model_dir}")
     return losses
 
