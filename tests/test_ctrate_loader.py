@@ -195,3 +195,26 @@ def test_missing_layout_is_one_clear_error(tmp_path):
 
     with pytest.raises(DataError, match="no volume folder"):
         CTRATEDataset(str(tmp_path))
+
+
+def test_a_volume_without_air_is_flagged_once_as_not_ct(phantom_root, tmp_path):
+    import shutil
+    import warnings
+
+    from text2ct_engine.data import transforms
+
+    root = tmp_path / "mri"
+    shutil.copytree(phantom_root, root)
+    path = sorted((root / "dataset" / "train_fixed").rglob("*.nii.gz"))[0]
+    data, affine = read_volume(str(path))
+    write_volume(str(path), (np.asarray(data) + 1500).clip(0, 3000).astype(np.int16), affine)  # 0..3000: no air
+    transforms._WARNED_NOT_CT.discard(str(path))
+    ds = CTRATEDataset(str(root), target_spacing=(8.0, 8.0, 16.0), target_size=(48, 48, 24))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(2):
+            for i in range(len(ds)):
+                ds[i]
+    got = [str(w.message) for w in caught if "not a CT in HU" in str(w.message)]
+    assert len(got) == 1 and str(path) in got[0], got  # once, and only for that file
+    assert f"lowest {int(np.asarray(read_volume(str(path))[0]).min())}" in got[0]

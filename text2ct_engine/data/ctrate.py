@@ -246,7 +246,7 @@ class CTRATEDataset(Dataset):
         data, affine = read_volume(rec.path)
         try:
             vol, sp = preprocess(data, affine, self.target_spacing, self.target_size, self.mode, self.window,
-                                 rec.rescale, rec.spacing_override)
+                                 rec.rescale, rec.spacing_override, source=rec.path)
         except (ValueError, RuntimeError) as e:
             raise BadDataError(rec.path, f"cannot preprocess: {e}") from None
         return {"volume": vol, "text": rec.text, "name": rec.name, "spacing": torch.tensor(sp, dtype=torch.float32),

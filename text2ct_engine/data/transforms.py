@@ -7,6 +7,7 @@ Layout everywhere: a volume is (X, Y, Z) in RAS+ order (axis 0 toward the patien
 """
 from __future__ import annotations
 
+import warnings
 from typing import Sequence
 
 import nibabel as nib
@@ -86,20 +87,37 @@ def crop_or_pad(vol: torch.Tensor, size: Sequence[int], fill: float = 0.0) -> to
     return out
 
 
+NOT_CT_ABOVE_HU = -500.0  # a CT in HU has air (about -1000 HU) around the body and in the lungs
+_WARNED_NOT_CT: set[str] = set()
+
+
+def warn_if_not_ct(hu: torch.Tensor, source: str) -> None:
+    """Warn once per ``source`` when a volume has no voxel below -500 HU: no air, so not a CT in HU (an
+    MRI, or a CT stored without its slope/intercept): it is still used, but scores and training suffer."""
+    if source not in _WARNED_NOT_CT and hu.numel() and float(hu.min()) > NOT_CT_ABOVE_HU:
+        _WARNED_NOT_CT.add(source)
+        warnings.warn(f"{source}: no voxel below {NOT_CT_ABOVE_HU:g} HU (lowest {float(hu.min()):.0f}): not a CT "
+                      f"in HU? (air is -1000 HU; check the file, or its rescale slope/intercept in metadata/*.csv)",
+                      stacklevel=2)
+
+
 def preprocess(data: np.ndarray | torch.Tensor, affine: np.ndarray, target_spacing: Sequence[float] | None,
                target_size: Sequence[int] | None, mode: str = "crop_pad", window: tuple[float, float] = (-1000.0, 1000.0),
-               rescale: tuple[float, float] | None = None, spacing_override: Sequence[float] | None = None
-               ) -> tuple[torch.Tensor, Spacing]:
+               rescale: tuple[float, float] | None = None, spacing_override: Sequence[float] | None = None,
+               source: str | None = None) -> tuple[torch.Tensor, Spacing]:
     """HU volume as stored -> model input (1, X, Y, Z) in [0, 1] and its spacing (mm).
 
     ``rescale`` = (slope, intercept) is applied first (raw stored values -> HU). ``mode`` is "crop_pad"
     (resample to ``target_spacing`` then centre-crop/pad to ``target_size``; spacing stays the target) or
     "resize" (Text2CT's forced resize to ``target_size`` after resampling; spacing becomes FOV / size).
-    Either target may be None to skip that step.
+    Either target may be None to skip that step. ``source`` (the file) names a volume without air in the
+    one warning :func:`warn_if_not_ct` gives.
     """
     vol = torch.as_tensor(np.asarray(data) if not isinstance(data, torch.Tensor) else data).float()
     if rescale is not None:
         vol = vol * float(rescale[0]) + float(rescale[1])
+    if source is not None:
+        warn_if_not_ct(vol, source)
     vol, sp = reorient_to_ras(vol, affine, spacing_override)
     vol = hu_to_unit(vol, window)
     if target_spacing is not None:

@@ -29,7 +29,7 @@ from ..data.ctrate import VOLUME_EXTS, build_index, dataset_root, find_csv, find
 from ..data.errors import BadDataLog, DataError
 from ..data.labels import CTRATE_LABELS
 from ..data.nifti import read_volume
-from ..data.transforms import reorient_to_ras
+from ..data.transforms import reorient_to_ras, warn_if_not_ct
 
 PROMPT_FILES = ("prompts.csv", "prompts.txt")
 LAYOUT_HINT = ("a CT-RATE-layout folder (dataset/{train,valid}_fixed/... with reports; python -m "
@@ -191,4 +191,5 @@ def read_hu(study: Study) -> tuple[torch.Tensor, tuple[float, float, float]]:
     vol = torch.from_numpy(np.ascontiguousarray(data))
     if study.rescale is not None:
         vol = vol * float(study.rescale[0]) + float(study.rescale[1])
+    warn_if_not_ct(vol, study.path)
     return reorient_to_ras(vol, affine, study.spacing_override)
