@@ -78,6 +78,8 @@ def test_convert_errors_are_one_line_and_write_nothing(checkpoints, capsys):
         "no state dict found": ["--unet", str(tmp / "nosd.pt")],
         "missing 1 key(s): conv_in.conv.weight": ["--unet", str(tmp / "missing.pt")],
         "no such file": ["--vae", str(tmp / "absent.pt")],
+        "holds autoencoder weights (encoder./decoder. keys), not a diffusion UNet: are --unet and --vae swapped?":
+            ["--unet", str(tmp / "vae.pt")],
     }
     for expected, swap in cases.items():
         args = ["--unet", str(tmp / "unet.pt"), "--vae", str(tmp / "vae.pt"), "--unet-config",

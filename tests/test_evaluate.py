@@ -294,7 +294,9 @@ def test_json_target_is_checked_before_any_work(tmp_path, capsys):
     assert "already exists" in line and "--force" in line
     assert out.read_text() == "keep"
     assert evaluate_main([*base, "--json", str(out), "--force", "--no-progress"]) == 0
-    assert json.loads(out.read_text())["metrics"]["hist"]["wasserstein1_hu"] == 0.0
+    result = json.loads(out.read_text())
+    assert result["metrics"]["hist"]["wasserstein1_hu"] == 0.0
+    assert result["skipped_metrics"] == {}  # --metrics chose hist: the others are not "skipped"
 
 
 def test_folder_volumes_pair_with_prompt_lines_in_number_order(work, tmp_path):

@@ -179,6 +179,21 @@ def test_truncated_weights_are_one_line(tmp_path, cut):
         Text2CTPipeline.from_pretrained(tmp_path / "m")
 
 
+def test_weights_with_nan_are_refused_at_load(tmp_path):
+    """Overwritten bytes inside a tensor pass safetensors' own checks; NaN weights must not reach sampling."""
+    from safetensors.torch import load_file, save_file
+
+    tiny_pipeline().save_pretrained(tmp_path / "m")
+    weights = tmp_path / "m" / "vae" / "model.safetensors"
+    state = load_file(weights)
+    name = sorted(state)[3]
+    state[name].view(-1)[0] = float("nan")
+    save_file(state, weights)
+    with pytest.raises(ValueError, match=rf"vae/model.safetensors is damaged: 1 weight tensor\(s\) hold NaN or Inf "
+                                         rf"\({name}\)"):
+        Text2CTPipeline.from_pretrained(tmp_path / "m")
+
+
 def test_call_refuses_non_finite_guidance_and_bad_steps_or_seeds():
     pipe = tiny_pipeline()
     ctx = torch.randn(1, 1, CONTEXT_DIM)

@@ -113,6 +113,7 @@ ERRORS = {
     "device_mps": (["--prompt", PROMPT, "--device", "mps"], "--device mps: not a device this runs on"),
     "steps_zero": (["--prompt", PROMPT, "--steps", "0"], "--steps must be at least 1, got 0"),
     "huge_size": (["--prompt", PROMPT, "--size", "65536", "65536", "65536"], "too large: at most 4096"),
+    "unconditional_no_prompt": (["--unconditional"], "(for a volume without text: --unconditional --prompt '')"),
 }
 
 

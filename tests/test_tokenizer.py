@@ -145,6 +145,7 @@ def test_cli_train(tmp_path, capsys):
          2, "--vocab-size must be at least 258"),
         (["train", "--corpus", str(corpus), "--vocab-size", "300", "--out", str(tmp_path / "no" / "x.json")],
          2, "cannot write"),
+        (["encode", "--tokenizer", str(out), "--prompt", " "], 1, "--prompt is empty: give the text to encode"),
     ]
     for argv, code, msg in cases:
         assert main(argv) == code

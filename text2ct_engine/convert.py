@@ -93,10 +93,23 @@ def build(cls, kwargs: dict, path: str | None):
         raise ConvertError(f"{path or 'default config'}: invalid {cls.__name__} settings ({err})") from None
 
 
+def _looks_like_autoencoder(ckpt: dict) -> bool:
+    """Its weights (at the top or one level down) are a MAISI autoencoder's: encoder.* and decoder.* keys."""
+    for d in (ckpt, *(v for v in ckpt.values() if isinstance(v, dict))):
+        keys = [k for k in d if isinstance(k, str)]
+        if any(k.removeprefix("module.").startswith("encoder.") for k in keys) and \
+                any(k.removeprefix("module.").startswith("decoder.") for k in keys):
+            return True
+    return False
+
+
 def scale_factor_of(ckpt: dict, path: str) -> float:
     """The checkpoint's ``scale_factor`` (a number or a one-value tensor > 0), with one-line errors."""
     found = ckpt.get("scale_factor")
     if found is None:
+        if _looks_like_autoencoder(ckpt):
+            raise ConvertError(f"{path}: holds autoencoder weights (encoder./decoder. keys), not a diffusion UNet: "
+                               f"are --unet and --vae swapped?")
         raise ConvertError(f"{path}: holds no scale_factor; pass --scale-factor (1 / std of the training latents)")
     if isinstance(found, torch.Tensor) and found.numel() != 1:
         raise ConvertError(f"{path}: scale_factor is a tensor of shape {tuple(found.shape)}, not one number; "

@@ -60,7 +60,8 @@ def read_prompts(args: argparse.Namespace) -> list[str]:
             raise ValueError(f"--prompt-file {args.prompt_file} holds no prompt (one prompt per line)")
         prompts += from_file
     if not prompts:
-        raise ValueError("give a prompt with --prompt TEXT or --prompt-file FILE")
+        raise ValueError("give a prompt with --prompt TEXT or --prompt-file FILE"
+                         + (" (for a volume without text: --unconditional --prompt '')" if args.unconditional else ""))
     if any(not p.strip() for p in prompts) and not args.unconditional:
         raise ValueError("a prompt is empty: write a report, or pass --unconditional to sample without text")
     return prompts

@@ -318,6 +318,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                   f"{tok.context_length}, <|startoftext|>={tok.bos_id} <|endoftext|>={tok.eos_id}")
         else:
             tok = CLIPTokenizer.from_file(args.tokenizer, args.context_length)
+            if not args.prompt.strip():
+                raise ValueError("--prompt is empty: give the text to encode")
             enc = tok.encode(args.prompt)
             n = int(enc.attention_mask.sum())
             print(" ".join(str(i) for i in enc.input_ids[0, :n].tolist()))

@@ -90,7 +90,8 @@ def plan(opts: EvalOptions, gen: VolumeSet, real: VolumeSet) -> tuple[list[str],
         chosen = list(opts.metrics)
     if "fid" in chosen:
         check_counts(len(gen.studies), len(real.studies))
-    return chosen, {m: r for m, r in reasons.items() if m not in chosen}
+    # metrics left out by --metrics are the user's choice, not something to explain
+    return chosen, {m: r for m, r in reasons.items() if m not in chosen} if opts.metrics is None else {}
 
 
 def _device(name: str) -> torch.device:

@@ -47,11 +47,17 @@ def strict_load(module: torch.nn.Module, state_dict: Mapping[str, torch.Tensor],
 
 
 def read_weights(path: str, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
-    """The tensors of a ``.safetensors`` file; a corrupt or truncated file is a one-line ``ValueError``."""
+    """The tensors of a ``.safetensors`` file; a corrupt or truncated file, or one whose weights hold NaN or
+    Inf (overwritten bytes the format cannot notice), is a one-line ``ValueError``."""
     try:
-        return load_file(path, device=str(device))
+        state = load_file(path, device=str(device))
     except SafetensorError as err:
         raise ValueError(f"{path} is corrupt or truncated ({err}): copy or convert the model again") from None
+    bad = [name for name, t in state.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    if bad:
+        raise ValueError(f"{path} is damaged: {len(bad)} weight tensor(s) hold NaN or Inf ({_first(bad)}): copy "
+                         f"or convert the model again")
+    return state
 
 
 class PretrainedMixin:
