@@ -399,6 +399,35 @@ def test_fake_cuda_tensors(channels_last):
         assert y4.shape == (3, 64, 10, 10) and y4.dtype == torch.float16
 
 
+_FRESH_COMPILE = """
+import sys, torch
+from text2ct_engine import ops
+assert "torch._dynamo" not in sys.modules, "importing the ops loaded dynamo"
+marked = torch.compiler.assume_constant_result(lambda: 0)
+assert getattr(marked, "_dynamo_marked_constant", False), "torch marks constant results another way now"
+x = torch.randn(2, 6, 3, 4, 5)
+with ops.backend("torch"):
+    y = torch.compile(lambda t: ops.group_norm(t, 3, act="silu") + 1.0, backend="eager", fullgraph=True)(x)
+torch.testing.assert_close(y, ops.group_norm(x, 3, act="silu") + 1.0)
+q = torch.randn(1, 2, 7, 16)
+with ops.backend("torch"):
+    o = torch.compile(lambda t: ops.attention(t, t, t) * 2.0, backend="eager", fullgraph=True)(q)
+torch.testing.assert_close(o, ops.attention(q, q, q) * 2.0)
+print("ok")
+"""
+
+
+def test_ops_start_without_dynamo_and_still_compile():
+    """The ops mark their backend choice as a compile-time constant without importing dynamo at start-up
+    (1.5 s of every command); the mark must still be the one torch.compile reads, in a fresh process."""
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TEXT2CT_BACKEND"}
+    done = subprocess.run([sys.executable, "-c", _FRESH_COMPILE], capture_output=True, text=True, timeout=300, env=env)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]
+
+
 @pytest.mark.parametrize("name", ["triton", "cpp"])
 def test_torch_compile_traces_the_op(name):
     if name == "cpp" and not _cpp_built():

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from . import backend as _backend
-from .backend import requested_backend, triton_usable, xformers_available
+from .backend import constant_result, requested_backend, triton_usable, xformers_available
 
 TRITON_HEAD_DIMS = (16, 32, 64, 128)
 TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -145,7 +145,7 @@ def _notice(key: str, message: str) -> None:
         warnings.warn(message, stacklevel=3)
 
 
-@torch.compiler.assume_constant_result
+@constant_result
 def _attention_request() -> tuple[str, str]:
     """(requested name, where it came from) before resolving ``auto``.
 

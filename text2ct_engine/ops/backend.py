@@ -10,12 +10,26 @@ import contextlib
 import contextvars
 import importlib.util
 import os
-from typing import Iterator
+import sys
+from typing import Callable, Iterator, TypeVar
 
 import torch
 
 BACKENDS = ("auto", "triton", "torch", "cpp")
 _override: contextvars.ContextVar[str | None] = contextvars.ContextVar("text2ct_backend", default=None)
+
+
+F = TypeVar("F", bound=Callable)
+
+
+def constant_result(fn: F) -> F:
+    """``torch.compiler.assume_constant_result`` without importing dynamo at start-up (1.5 s of every
+    command's start): where dynamo is not loaded yet, the same mark is set directly (the attribute is the
+    one torch's decorator sets; tests/test_group_norm.py checks that it still is)."""
+    if "torch._dynamo" in sys.modules:
+        return torch.compiler.assume_constant_result(fn)
+    fn._dynamo_marked_constant = True  # type: ignore[attr-defined]
+    return fn
 
 
 def _check(name: str, source: str) -> str:
@@ -24,7 +38,7 @@ def _check(name: str, source: str) -> str:
     return name
 
 
-@torch.compiler.assume_constant_result
+@constant_result
 def requested_backend() -> str:
     """The backend asked for right now (before ``auto`` is resolved for a tensor).
 

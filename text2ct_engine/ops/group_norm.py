@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from . import cpp_ext
-from .backend import requested_backend, triton_usable
+from .backend import constant_result, requested_backend, triton_usable
 
 ACTIVATIONS = (None, "silu")
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -274,7 +274,7 @@ def choose_group_norm_backend(x: torch.Tensor) -> tuple[str, str]:
     return name, reason
 
 
-@torch.compiler.assume_constant_result
+@constant_result
 def _backend_for_compile(dev: str, dtype: torch.dtype, numel: int) -> str:
     # dynamo cannot trace the ContextVar behind ops.backend(): under torch.compile the choice is made once,
     # when the graph is traced, and baked into it
