@@ -210,3 +210,32 @@ def test_device_need_covers_what_storing_on_the_device_holds(host_memory, slab):
         need = decoder.device_need(tuple(vae.post_quant_conv(z).shape))
     held = tracker.peak["meta"] - weights
     assert held <= need <= 3 * held, (held, need)
+
+
+def test_moments_widen_a_block_of_channels_at_a_time(monkeypatch):
+    """float64 sums of bf16 rows, exact, without a float64 copy of the whole slab: the largest float64
+    tensor made while adding stays within WORK_BYTES (a reduction told to widen copies its whole input)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from text2ct_engine import tiling
+
+    class Widest(TorchDispatchMode):
+        biggest = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in (out if isinstance(out, (tuple, list)) else (out,)):
+                if isinstance(t, torch.Tensor) and t.dtype == torch.float64:
+                    Widest.biggest = max(Widest.biggest, t.numel() * 8)
+            return out
+
+    monkeypatch.setattr(tiling, "WORK_BYTES", 2 * 3 * 5 * 6 * 7 * 8)  # 3 of the 11 channels per block
+    rows = (torch.randn(2, 11, 5, 6, 7) * 3 + 1).to(torch.bfloat16)
+    m = tiling.Moments(2, 11, torch.device("cpu"))
+    with Widest():
+        m.add(rows)
+        m.add(rows[:, :, :2])
+    ref = torch.cat([rows, rows[:, :, :2]], 2).double()
+    torch.testing.assert_close(m.sum, ref.sum((2, 3, 4)), rtol=1e-12, atol=1e-9)
+    torch.testing.assert_close(m.sq, ref.square().sum((2, 3, 4)), rtol=1e-12, atol=1e-9)
+    assert Widest.biggest <= 2 * 3 * 5 * 6 * 7 * 8  # both samples of 3 channels: not 2 x 11 channels

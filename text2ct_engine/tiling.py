@@ -81,16 +81,24 @@ def _conv3d(module: nn.Module) -> nn.Conv3d:
 
 # ------------------------------------------------------------------------------------------ statistics
 class Moments:
-    """Per-(sample, channel) sums of x and x^2 over the rows added so far, accumulated in float64 (from a
-    float64 reduction, without a float64 copy of the rows)."""
+    """Per-(sample, channel) sums of x and x^2 over the rows added so far, accumulated in float64.
+
+    A reduction asked to widen bf16 to float64 first makes a float64 copy of its whole input (on CUDA as
+    on CPU; only half -> float32 is widened inside the kernel): 2 GiB for the widest slab at 512x512x128,
+    as much as the rest of the tiled decode. So rows are widened a block of channels at a time, the copy
+    kept within ``WORK_BYTES`` (and visible to the memory planner, which a kernel's internal copy is not)."""
 
     def __init__(self, n: int, c: int, device: torch.device) -> None:
         self.sum = torch.zeros(n, c, dtype=torch.float64, device=device)
         self.sq = torch.zeros_like(self.sum)
 
     def add(self, rows: torch.Tensor) -> None:
-        self.sum += rows.sum(DIMS, dtype=torch.float64)
-        self.sq += torch.linalg.vector_norm(rows, dim=DIMS, dtype=torch.float64).square()
+        c = rows.shape[1]
+        step = c if rows.dtype == torch.float64 else max(1, WORK_BYTES * c // max(rows.numel() * 8, 1))
+        for c0 in range(0, c, step):
+            block = rows[:, c0:c0 + step].to(torch.float64)
+            self.sum[:, c0:c0 + step] += block.sum(DIMS)
+            self.sq[:, c0:c0 + step] += torch.linalg.vector_norm(block, dim=DIMS).square()
 
     def stats(self, norm: GroupNorm, voxels: int, work: torch.dtype) -> Stats:
         """Mean and 1/std per (sample, group) of ``norm``'s groups, over ``voxels`` positions per channel."""
