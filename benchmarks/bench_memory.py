@@ -68,6 +68,8 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     device = torch.device(args.device)
     gpu = device.type == "cuda"
+    if gpu and device.index is None:  # tensors report "cuda:0": the tracker's peaks are keyed that way
+        device = torch.device("cuda", torch.cuda.current_device())
     volume = args.volume or ((512, 512, 128) if gpu else (64, 64, 32))
     dtype = DTYPES[args.dtype or ("bf16" if gpu else "fp32")]
     real_setup = Setup(volume=volume, dtype=dtype, slab=args.slab, device=str(device),

@@ -137,14 +137,14 @@ def decode(args: argparse.Namespace) -> dict:
     z = torch.randn(1, 4, *args.latent, generator=torch.Generator().manual_seed(1)).to(device, dtype)
     before = rss_mib()
     if device.type == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
     cpu_start = cpu_seconds()
     start = time.perf_counter()
     variant, _, storage = args.child.partition("@")  # "low@device": host_memory low, stored on the GPU
     out, stored = run_variant(variant, vae, z, args, storage or None)
     if device.type == "cuda":
-        torch.cuda.synchronize()
+        torch.cuda.synchronize(device)
     seconds, cpu = time.perf_counter() - start, cpu_seconds() - cpu_start
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     torch.save(out.float().cpu(), args.save)
@@ -152,7 +152,7 @@ def decode(args: argparse.Namespace) -> dict:
             "rss_before_mib": round(before),
             "peak_rss_mib": round(peak), "extra_rss_mib": round(peak - before),
             "stored_mib": None if stored is None else round(stored / 2**20),
-            "device_peak_mib": round(torch.cuda.max_memory_allocated() / 2**20) if device.type == "cuda" else None}
+            "device_peak_mib": round(torch.cuda.max_memory_allocated(device) / 2**20) if device.type == "cuda" else None}
 
 
 def run_child(variant: str, args: argparse.Namespace, folder: str) -> dict:

@@ -119,11 +119,13 @@ def main(argv: list[str] | None = None) -> int:
             except (RuntimeError, ValueError) as err:  # e.g. out of memory, or a backend that cannot run here
                 record.add(dict(mode=mode, backend=name, layout=lay, note=f"failed: {str(err).splitlines()[0][:80]}"))
         for _ in range(reps - 1):  # round-robin: a busy spell hits every variant alike
-            for fn, times in runs.values():
+            for (name, lay), (fn, times) in runs.items():
+                unet.to(memory_format=LAYOUTS[lay])  # the weights in this variant's layout (outside the timing)
                 times.append(time_fn(fn, device, 0, 1))
         ref = outputs.get(variants[0])
         base = statistics.median(runs[variants[0]][1]) if variants[0] in runs else float("nan")
         for (name, lay), (fn, times) in runs.items():
+            unet.to(memory_format=LAYOUTS[lay])
             ms = statistics.median(times)
             diff = (outputs[(name, lay)] - ref).abs().max().item() if ref is not None else None
             row = record.add(dict(mode=mode, backend=name, layout=lay, batch=batch, ms=ms, min_ms=min(times),

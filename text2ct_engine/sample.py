@@ -67,9 +67,10 @@ def read_prompts(args: argparse.Namespace) -> list[str]:
     return prompts
 
 
-def peak_memory() -> str:
-    if torch.cuda.is_available() and torch.cuda.max_memory_allocated() > 0:
-        return f"peak GPU memory {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB"
+def peak_memory(device: torch.device) -> str:
+    """The allocator's peak on the GPU that sampled (``cuda:N`` too), else the process's peak RAM."""
+    if device.type == "cuda" and torch.cuda.max_memory_allocated(device) > 0:
+        return f"peak GPU memory {torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB"
     return f"peak RAM {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB"
 
 
@@ -206,7 +207,7 @@ def run(args: argparse.Namespace) -> None:
     if bar is not None:
         bar.close()
     print(f"done: {len(prompts)} volume(s) of {size[0]}x{size[1]}x{size[2]} in "
-          f"{time.perf_counter() - start:.1f} s on {device}, {peak_memory()}")
+          f"{time.perf_counter() - start:.1f} s on {device}, {peak_memory(device)}")
 
 
 def main(argv: list[str] | None = None) -> int:
