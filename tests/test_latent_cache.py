@@ -172,3 +172,21 @@ def test_cache_refuses_a_folder_that_is_not_a_cache(data_root, tmp_path):
     empty.mkdir()
     idx = build_latent_cache(_ds(data_root), TinyVAE(), str(empty), dtype=torch.float32, progress=False)
     assert len(idx["entries"]) == 5 and os.path.isfile(empty / INDEX)
+
+
+def test_cache_cli_out_of_memory_is_one_line(data_root, tmp_path, capsys, monkeypatch):
+    from text2ct_engine.data import cache
+    from text2ct_engine.models import AutoencoderKL
+
+    AutoencoderKL(num_channels=[8, 8, 8], num_res_blocks=[1, 1, 1], norm_num_groups=4).save_pretrained(
+        str(tmp_path / "model" / "vae"))
+
+    def oom(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 8.00 GiB")
+
+    monkeypatch.setattr(cache, "build_latent_cache", oom)
+    argv = ["--data", data_root, "--vae", str(tmp_path / "model"), "--out", str(tmp_path / "c"), "--size", "32",
+            "32", "16", "--spacing", "12", "12", "24", "--device", "cpu"]
+    assert main(argv) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "out of memory encoding at --size 32 32 16" in err[0] and "--batch-size 1" in err[0]
