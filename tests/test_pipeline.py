@@ -243,3 +243,25 @@ def test_sizes_and_devices_are_bounded():
     for bad in ("meta", "mps", "nonsense"):
         with pytest.raises(ValueError, match=f"device {bad} is not"):
             resolve_device(bad)
+
+
+def test_sampler_state_stays_float32_when_the_unet_runs_in_bf16(monkeypatch):
+    """Only the UNet's inputs are rounded to its dtype; the Euler state and the guided velocity stay float32."""
+    pipe = tiny_pipeline()
+    real = pipe.unet.forward
+    seen = []
+
+    def as_fp32(v):
+        return v.float() if isinstance(v, torch.Tensor) and v.is_floating_point() else v
+
+    def bf16_unet(x, *args, **kwargs):  # stands in for a UNet computing in bf16 on a GPU
+        seen.append(x.dtype)
+        out = real(x.float(), *map(as_fp32, args), **{k: as_fp32(v) for k, v in kwargs.items()})
+        return out.to(torch.bfloat16)
+
+    monkeypatch.setattr(pipe.unet, "forward", bf16_unet)
+    monkeypatch.setattr(type(pipe), "dtype", property(lambda self: torch.bfloat16))
+    assert pipe.state_dtype == torch.float32
+    ctx = torch.randn(2, 1, CONTEXT_DIM)
+    lat = pipe.sample_latents(ctx, (16, 16, 8), (1.5, 1.5, 3.0), steps=3, guidance=3.0, seeds=[0, 1])
+    assert lat.dtype == torch.float32 and len(seen) == 3 and set(seen) == {torch.bfloat16}

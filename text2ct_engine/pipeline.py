@@ -188,6 +188,11 @@ class Text2CTPipeline:
         return next(self.unet.parameters()).dtype
 
     @property
+    def state_dtype(self) -> torch.dtype:
+        """The sampler's state and velocities: float32 for a bf16/fp16/fp32 UNet, float64 for a float64 one."""
+        return torch.promote_types(self.dtype, torch.float32)
+
+    @property
     def vae_factor(self) -> int:
         return self.vae.config.downsample_factor
 
@@ -231,35 +236,41 @@ class Text2CTPipeline:
                         spacing: torch.Tensor) -> torch.Tensor:
         """UNet velocity with classifier-free guidance: one batched call on [cond; uncond] inputs.
 
-        The unconditional context is zeros (as in Text2CT's training, which zeroes dropped conditions).
+        The unconditional context is zeros (as in Text2CT's training, which zeroes dropped conditions). The
+        UNet runs in the pipeline's dtype; the velocity (and its guidance mix) comes back in ``state_dtype``.
         """
         b = x.shape[0]
+        x = x.to(self.dtype)
         extra = {}
         if self.config.class_label is not None and self.unet.config.num_class_embeds is not None:
             extra["class_labels"] = torch.full((b,), self.config.class_label, dtype=torch.long, device=x.device)
         if self.unet.config.include_spacing_input:
             extra["spacing_tensor"] = spacing.expand(b, 3)
         if guidance == 1.0:
-            return self.unet(x, t.expand(b), context=context, **extra)
+            return self.unet(x, t.expand(b), context=context, **extra).to(self.state_dtype)
         doubled = {k: torch.cat([v, v]) for k, v in extra.items()}
         out = self.unet(torch.cat([x, x]), t.expand(2 * b), context=torch.cat([context, torch.zeros_like(context)]),
                         **doubled)
-        cond, uncond = out.chunk(2)
+        cond, uncond = out.to(self.state_dtype).chunk(2)
         return uncond + guidance * (cond - uncond)
 
     def initial_noise(self, batch: int, size: Sequence[int], seeds: Sequence[int]) -> torch.Tensor:
-        """Latent noise, one CPU generator per sample: a sample's noise depends only on its own seed."""
+        """Latent noise in ``state_dtype``, one CPU generator per sample: a sample's noise depends only on its
+        own seed."""
         f, lc = self.vae_factor, self.vae.config.latent_channels
         shape = (lc, *(s // f for s in size))
         if len(seeds) != batch:
             raise ValueError(f"{len(seeds)} seeds for {batch} samples")
         noise = [torch.randn(shape, generator=torch.Generator().manual_seed(int(s))) for s in seeds]
-        return torch.stack(noise).to(self.device, self.dtype)
+        return torch.stack(noise).to(self.device, self.state_dtype)
 
     def sample_latents(self, context: torch.Tensor, size: Sequence[int], spacing: Sequence[float],
                        steps: int, guidance: float, seeds: Sequence[int],
                        progress: Callable[[int, int], None] | None = None) -> torch.Tensor:
-        """Integrate the rectified flow from noise to latents (B, C, x/f, y/f, z/f)."""
+        """Integrate the rectified flow from noise to latents (B, C, x/f, y/f, z/f), in ``state_dtype``.
+
+        The state stays in float32 when the UNet runs in bf16/fp16 (as MAISI's sampler keeps it): 30 Euler
+        steps of bf16 rounding would add up; only the UNet's input is cast."""
         x = self.initial_noise(context.shape[0], size, seeds)
         shape = x.shape
         sched = self.scheduler
