@@ -218,3 +218,17 @@ def test_an_unreadable_volume_is_named_once_and_summed_up_at_the_end(phantoms, t
     assert sum("every volume of the batch was unreadable" in line for line in lines) == 2
     summary = [line for line in lines if line.startswith("skipped 1 unreadable volume(s)")]
     assert len(summary) == 1 and str(bad) in summary[0]
+
+
+def test_checkpoint_records_the_precision_and_adversarial_weight_that_ran(phantoms, tmp_path):
+    """"auto" precision and the device-dependent adversarial default are stored as what they meant here, so
+    a resume on another kind of device (bf16 and adv 0.1 on CUDA) is refused instead of changing the math."""
+    run = tmp_path / "run"
+    train_vae(tiny_vae(), dataset(phantoms), config(steps=1, batch_size=1, adv_weight=None, save_every=1), str(run),
+              log=quiet)
+    saved = json.loads((run / "checkpoint" / "state.json").read_text())["config"]
+    assert saved["mixed_precision"] == "no" and saved["adv_weight"] == 0.0
+    cuda_like = dict(saved, mixed_precision="bf16", adv_weight=0.1)  # what the same command records on a GPU
+    from text2ct_engine.train.common import check_resumed_config
+    with pytest.raises(ValueError, match="mixed_precision 'bf16' -> 'no'"):
+        check_resumed_config(cuda_like, saved, ())

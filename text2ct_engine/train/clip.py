@@ -39,8 +39,8 @@ from ..models import CLIP3D, CLIP3DConfig, CLIPTextConfig, CLIPTextModelWithProj
 from ..models.clip3d import LOGIT_SCALE_MAX
 from ..text import CLIP_DIR, TOKENIZER_FILE, check_text_side, save_text_side
 from ..tokenizer import CLIPTokenizer
-from .common import (EMA, LossLog, SkippedVolumes, TruncationNote, add_config_flags, add_run_flags,
-                     apply_gradients, autocast_enabled, check_intervals, check_optimizer_settings, checkpoint_state,
+from .common import (EMA, LossLog, SkippedVolumes, TruncationNote, add_config_flags, add_run_flags, apply_gradients,
+                     autocast_enabled, check_intervals, check_optimizer_settings, checkpoint_state, for_device,
                      held_out_split, load_training_state, open_run, resumable_batches, save_training_state,
                      typed_settings, warmup_schedule)
 
@@ -245,7 +245,7 @@ def train_clip(model: CLIP3D, tokenizer: CLIPTokenizer, dataset: Dataset, cfg: C
         raise ValueError(f"the tokenizer's context length {tokenizer.context_length} exceeds the text tower's "
                          f"{text_cfg.max_position_embeddings} positions")
     device = next(model.parameters()).device
-    autocast = autocast_enabled(cfg.mixed_precision, device)
+    cfg, autocast = for_device(cfg, device)
     ckpt_dir, model_dir, resuming = open_run(out_dir, resume)
     model.train()
     model.set_gradient_checkpointing(cfg.gradient_checkpointing)

@@ -239,6 +239,14 @@ def autocast_enabled(mixed_precision: str, device: torch.device) -> bool:
     return mixed_precision == "bf16" or (mixed_precision == "auto" and device.type == "cuda")
 
 
+def for_device(cfg: Any, device: torch.device) -> tuple[Any, bool]:
+    """``cfg`` with its device-dependent ``mixed_precision="auto"`` made explicit ("bf16" or "no"), and
+    whether to autocast: the checkpoint records what ran, so a resume on another kind of device that would
+    compute differently is refused instead of silently switching precision."""
+    autocast = autocast_enabled(cfg.mixed_precision, device)
+    return dataclasses.replace(cfg, mixed_precision="bf16" if autocast else "no"), autocast
+
+
 def warmup_schedule(optimizer: torch.optim.Optimizer, warmup_steps: int,
                     cosine_steps: int | None = None) -> torch.optim.lr_scheduler.LambdaLR:
     """Linear warm-up to the optimizer's lr over ``warmup_steps``, then constant, or with ``cosine_steps``

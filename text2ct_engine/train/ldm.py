@@ -22,9 +22,9 @@ from torch.utils.data import Dataset
 from ..pipeline import Text2CTPipeline
 from ..schedulers import RFlowScheduler
 from ..io_utils import atomic_dir
-from .common import (EMA, LossLog, TruncationNote, apply_gradients, autocast_enabled, check_intervals,
-                     check_optimizer_settings, load_training_state, open_run, resumable_batches,
-                     save_training_state, warmup_schedule)
+from .common import (EMA, LossLog, TruncationNote, apply_gradients, check_intervals, check_optimizer_settings,
+                     for_device, load_training_state, open_run, resumable_batches, save_training_state,
+                     warmup_schedule)
 
 FREE_ON_RESUME = ("steps", "log_every", "save_every", "num_workers", "gradient_checkpointing")  # no effect on the math
 SCALE_SAMPLE = 64  # cached latents that --scale-factor auto measures
@@ -119,7 +119,7 @@ def train_ldm(pipe: Text2CTPipeline, dataset: Dataset, cfg: LDMTrainConfig, out_
     """
     cfg.validate()
     device, unet = pipe.device, pipe.unet
-    autocast = autocast_enabled(cfg.mixed_precision, device)
+    cfg, autocast = for_device(cfg, device)
     ckpt_dir, model_dir, resuming = open_run(out_dir, resume)
     unet.train()
     unet.set_gradient_checkpointing(cfg.gradient_checkpointing)

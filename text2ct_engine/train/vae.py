@@ -33,9 +33,9 @@ from ..cli import path as cli_path
 from ..models.discriminator import ADV_LOSSES, PatchDiscriminator, discriminator_adv_loss, generator_adv_loss
 from ..models.vae import AutoencoderKL, AutoencoderKLConfig
 from ..io_utils import atomic_dir
-from .common import (EMA, LossLog, SkippedVolumes, add_config_flags, add_run_flags, apply_gradients,
-                     autocast_enabled, check_intervals, check_optimizer_settings, checkpoint_state, held_out_split,
-                     load_training_state, open_run, resumable_batches, save_training_state, warmup_schedule)
+from .common import (EMA, LossLog, SkippedVolumes, add_config_flags, add_run_flags, apply_gradients, check_intervals,
+                     check_optimizer_settings, checkpoint_state, for_device, held_out_split, load_training_state,
+                     open_run, resumable_batches, save_training_state, warmup_schedule)
 
 DISC_DIR = "discriminator"  # the discriminator's resumable state, inside out/checkpoint
 FREE_ON_RESUME = ("steps", "log_every", "save_every", "eval_every", "eval_slab", "num_workers",
@@ -184,8 +184,9 @@ def train_vae(vae: AutoencoderKL, dataset: Dataset, cfg: VAETrainConfig, out_dir
     """
     cfg.validate(vae)
     device = next(vae.parameters()).device
-    autocast = autocast_enabled(cfg.mixed_precision, device)
-    adv_weight = cfg.adversarial_weight(device)
+    cfg, autocast = for_device(cfg, device)
+    cfg = dataclasses.replace(cfg, adv_weight=cfg.adversarial_weight(device))  # explicit too, as above
+    adv_weight = cfg.adv_weight
     ckpt_dir, model_dir, resuming = open_run(out_dir, resume)
     vae.train().requires_grad_(True)
     vae.set_gradient_checkpointing(cfg.gradient_checkpointing)
