@@ -216,8 +216,8 @@ def test_an_unreadable_volume_is_named_once_and_summed_up_at_the_end(phantoms, t
     err = capsys.readouterr().err
     assert err.count(f"skipped {bad}") == 1, err
     assert sum("every volume of the batch was unreadable" in line for line in lines) == 2
-    summary = [line for line in lines if line.startswith("skipped 1 unreadable volume(s)")]
-    assert len(summary) == 1 and str(bad) in summary[0]
+    summary = [line for line in lines if line.startswith("1 bad file(s) skipped:")]
+    assert len(summary) == 1 and f"  {bad}: " in summary[0]
 
 
 def test_checkpoint_records_the_precision_and_adversarial_weight_that_ran(phantoms, tmp_path):

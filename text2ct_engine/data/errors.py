@@ -31,6 +31,11 @@ class BadDataLog:
         if (str(path), reason) not in self.entries:
             self.entries.append((str(path), reason))
 
+    def extend(self, entries) -> None:
+        """Add (path, reason) pairs, e.g. a batch's ``skipped`` list from ``data.ctrate.collate``."""
+        for path, reason in entries:
+            self.add(path, reason)
+
     def __len__(self) -> int:
         return len(self.entries)
 

@@ -31,6 +31,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from ..cli import path as cli_path
+from ..data.errors import BadDataLog
 from ..data.labels import CTRATE_LABELS
 from ..evaluate.probe import label_accuracy
 from ..evaluate.retrieval import retrieval_recall
@@ -39,7 +40,7 @@ from ..models import CLIP3D, CLIP3DConfig, CLIPTextConfig, CLIPTextModelWithProj
 from ..models.clip3d import LOGIT_SCALE_MAX
 from ..text import CLIP_DIR, TOKENIZER_FILE, check_text_side, save_text_side
 from ..tokenizer import CLIPTokenizer
-from .common import (EMA, LossLog, SkippedVolumes, TruncationNote, add_config_flags, add_run_flags, apply_gradients,
+from .common import (EMA, LossLog, TruncationNote, add_config_flags, add_run_flags, apply_gradients,
                      autocast_enabled, check_intervals, check_optimizer_settings, checkpoint_state, for_device,
                      held_out_split, load_training_state, open_run, resumable_batches, save_training_state,
                      typed_settings, warmup_schedule)
@@ -265,9 +266,9 @@ def train_clip(model: CLIP3D, tokenizer: CLIPTokenizer, dataset: Dataset, cfg: C
     note = TruncationNote(log)
     start = time.perf_counter()
     batches = resumable_batches(dataset, cfg.batch_size, cfg.seed, step, cfg.num_workers, collate_fn)
-    skipped = SkippedVolumes(log)
+    skipped = BadDataLog()  # unreadable volumes met: summed up once at the end, however often they came up
     for step, batch in zip(range(step, cfg.steps), batches):
-        skipped.add(batch)
+        skipped.extend(batch.get("skipped", ()))
         done = step + 1
         if batch["volume"] is None or len(batch["text"]) < 2:
             log(f"step {done}: skipped, fewer than two readable pairs in the batch")
@@ -305,7 +306,8 @@ def train_clip(model: CLIP3D, tokenizer: CLIPTokenizer, dataset: Dataset, cfg: C
     with _weights(model, ema), atomic_dir(model_dir) as tmp:
         save_text_side(tmp, model, tokenizer)
         save_preprocessing(os.path.join(tmp, CLIP_DIR), cfg)
-    skipped.summary()
+    if len(skipped):
+        log(skipped.summary())
     log(f"wrote {model_dir}")
     return losses
 

@@ -324,24 +324,6 @@ class TruncationNote:
                      f"further truncations are not reported")
 
 
-class SkippedVolumes:
-    """Unreadable volumes a training run met (``batch["skipped"]`` of ``data.ctrate.collate``): one summary
-    line at the end of the run, however often each came up."""
-
-    def __init__(self, log: Callable[[str], None]) -> None:
-        self.log, self.reasons = log, {}
-
-    def add(self, batch: dict) -> None:
-        for path, reason in batch.get("skipped", ()):
-            self.reasons.setdefault(path, reason)
-
-    def summary(self) -> None:
-        if self.reasons:
-            first = "; ".join(f"{p} ({r})" for p, r in list(self.reasons.items())[:3])
-            more = f"; and {len(self.reasons) - 3} more" if len(self.reasons) > 3 else ""
-            self.log(f"skipped {len(self.reasons)} unreadable volume(s) each time they came up: {first}{more}")
-
-
 def held_out_split(root: str, size: Sequence[int] | None, spacing: Sequence[float] | None, mode: str, count: int,
                    require_report: bool = True) -> tuple[Dataset, Dataset | None]:
     """Training and held-out data from a CT-RATE-layout folder (CT-RATE or phantoms); items as

@@ -30,10 +30,11 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset, Subset
 
 from ..cli import path as cli_path
+from ..data.errors import BadDataLog
+from ..io_utils import atomic_dir
 from ..models.discriminator import ADV_LOSSES, PatchDiscriminator, discriminator_adv_loss, generator_adv_loss
 from ..models.vae import AutoencoderKL, AutoencoderKLConfig
-from ..io_utils import atomic_dir
-from .common import (EMA, LossLog, SkippedVolumes, add_config_flags, add_run_flags, apply_gradients, check_intervals,
+from .common import (EMA, LossLog, add_config_flags, add_run_flags, apply_gradients, check_intervals,
                      check_optimizer_settings, checkpoint_state, for_device, held_out_split, load_training_state,
                      open_run, resumable_batches, save_training_state, warmup_schedule)
 
@@ -206,9 +207,9 @@ def train_vae(vae: AutoencoderKL, dataset: Dataset, cfg: VAETrainConfig, out_dir
     losses = LossLog(os.path.join(out_dir, "loss.jsonl"), step if resuming else None)
     start = time.perf_counter()
     batches = resumable_batches(dataset, cfg.batch_size, cfg.seed, step, cfg.num_workers, collate_fn)
-    skipped = SkippedVolumes(log)
+    skipped = BadDataLog()  # unreadable volumes met: summed up once at the end, however often they came up
     for step, batch in zip(range(step, cfg.steps), batches):
-        skipped.add(batch)
+        skipped.extend(batch.get("skipped", ()))
         done = step + 1
         if batch["volume"] is not None:
             seed = 2 * (cfg.seed * 1_000_003 + step)  # crops draw from seed, the latent noise from seed + 1
@@ -247,7 +248,8 @@ def train_vae(vae: AutoencoderKL, dataset: Dataset, cfg: VAETrainConfig, out_dir
     vae.eval().set_gradient_checkpointing(False)
     with ema.applied(vae) if ema is not None else contextlib.nullcontext(), atomic_dir(model_dir) as tmp:
         vae.save_pretrained(tmp)
-    skipped.summary()
+    if len(skipped):
+        log(skipped.summary())
     log(f"wrote {model_dir}")
     return losses
 
