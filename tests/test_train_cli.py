@@ -147,3 +147,12 @@ def test_resume_without_a_checkpoint_says_it_starts_a_new_run(made, tmp_path, ca
     capsys.readouterr()
     assert train_main(ldm_args(made, tmp_path / "typo", "--steps", "1", "--resume")) == 0
     assert "holds no checkpoint yet: starting a new run" in capsys.readouterr().err
+
+
+def test_ema_decay_zero_still_means_off(made, tmp_path):
+    from text2ct_engine.train.common import check_optimizer_settings
+    from text2ct_engine.train.ldm import LDMTrainConfig
+
+    check_optimizer_settings(LDMTrainConfig(ema_decay=0.0))  # the trainers read 0 as "no EMA"
+    with pytest.raises(ValueError, match="between 0 and 1"):
+        check_optimizer_settings(LDMTrainConfig(ema_decay=-0.5))

@@ -173,7 +173,7 @@ def check_intervals(cfg: Any, names: Sequence[str] = ("log_every", "save_every")
 def check_optimizer_settings(cfg: Any, rates: Sequence[str] = ("lr",)) -> None:
     """The optimizer numbers every training config has, checked before a run folder is made: learning
     rates (``rates``) and ``grad_clip`` finite and > 0, ``weight_decay`` and ``warmup_steps`` >= 0,
-    ``ema_decay`` off (None) or in (0, 1)."""
+    ``ema_decay`` off (None or 0) or in (0, 1)."""
     def flag(name: str) -> str:
         return f"{name} (--{name.replace('_', '-')})"
 
@@ -185,7 +185,7 @@ def check_optimizer_settings(cfg: Any, rates: Sequence[str] = ("lr",)) -> None:
         value = getattr(cfg, name)
         if not (math.isfinite(value) and value >= 0):
             raise ValueError(f"{flag(name)} must be a finite number >= 0, got {value}")
-    if cfg.ema_decay is not None and not 0.0 < cfg.ema_decay < 1.0:
+    if cfg.ema_decay and not 0.0 < cfg.ema_decay < 1.0:  # 0 and None both mean no EMA, as in the trainers
         raise ValueError(f"{flag('ema_decay')} must lie strictly between 0 and 1 (0: off), got {cfg.ema_decay}")
 
 
