@@ -1,4 +1,5 @@
-"""VAE decode: time and peak memory of the untiled decode against the exact tiled decode's host-memory modes.
+"""VAE decode (or encode, ``--encode``): time and peak memory of the untiled pass against the exact tiled
+pass's host-memory modes.
 
 The VAE is Text2CT's MAISI layout (num_channels [64, 128, 256], 2 ResBlocks per level, 32 groups) with
 random weights; the latent is random (seeded), 4 x D x H x W, decoded to 4D x 4H x 4W. Each variant runs in
@@ -20,6 +21,12 @@ steadier measure of the work done.
 ``--count`` runs no decode: at any size (512x512x128 above) it counts, on fake tensors computing on the
 ``meta`` device with activations stored on the ``cpu``, the conv FLOPs and the bytes each variant copies
 between host and device, and the tiled decoders' peak stored bytes.
+
+``--encode`` times the encoder instead, as the latent cache runs it: a random image of the output size (on
+the host; the untiled encode moves it to the device) to latent mean and standard deviation, both compared
+(the ``old`` variant is decode-only):
+
+    python benchmarks/bench_tiled_decode.py --encode --variants untiled,fast,low
 """
 from __future__ import annotations
 
@@ -42,7 +49,7 @@ from common import device_name, print_table, write_json  # noqa: E402
 
 from text2ct_engine.memory import materialize  # noqa: E402
 from text2ct_engine.models import AutoencoderKL  # noqa: E402
-from text2ct_engine.tiling import SlabDecoder  # noqa: E402
+from text2ct_engine.tiling import SlabDecoder, SlabEncoder  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 VARIANTS = ("untiled", "old", "fast", "low")
@@ -76,7 +83,14 @@ def old_decoder(path: str):
 @torch.no_grad()
 def run_variant(variant: str, vae: AutoencoderKL, z: torch.Tensor, args: argparse.Namespace,
                 storage: str | None = None) -> tuple[torch.Tensor, int | None]:
-    """Decode ``z`` one way; the output and the tiled decoder's peak stored bytes (None where not counted)."""
+    """Decode ``z`` (with ``--encode``: encode the image ``z`` to mean and std, stacked) one way; the output
+    and the tiled pass's peak stored bytes (None where not counted)."""
+    if args.encode:
+        if variant == "untiled":
+            weights = next(vae.parameters())
+            return torch.stack(vae.encode(z.to(weights.device, weights.dtype))), None
+        encoder = SlabEncoder(vae, args.slab, storage or "host", host_memory=variant)
+        return torch.stack(encoder(z)), encoder.peak_stored_bytes
     if variant == "untiled":
         return vae.decode(z), None
     if variant == "old":
@@ -108,6 +122,15 @@ class Traffic(TorchDispatchMode):
         return out
 
 
+def pass_input(args: argparse.Namespace, device: torch.device | str, dtype: torch.dtype) -> torch.Tensor:
+    """The decoder's random latent on ``device``, or with ``--encode`` the encoder's random image in [0, 1] of
+    the output size, on the host in float32 (as the latent cache reads it)."""
+    g = torch.Generator().manual_seed(1)
+    if args.encode:
+        return torch.rand(1, 1, *(4 * s for s in args.latent), generator=g)
+    return torch.randn(1, 4, *args.latent, generator=g).to(device, dtype)
+
+
 def count(args: argparse.Namespace, variants: list[str]) -> list[dict]:
     """Each variant on fake tensors, computing on the fake ``meta`` device (the GPU) with activations stored
     on the fake ``cpu`` (the host): its conv work and host-device traffic, no time."""
@@ -118,7 +141,7 @@ def count(args: argparse.Namespace, variants: list[str]) -> list[dict]:
         traffic = Traffic()
         with FakeTensorMode():
             materialize(vae, "meta", DTYPES[args.dtype])
-            z = torch.zeros(1, 4, *args.latent, device="meta", dtype=DTYPES[args.dtype])
+            z = pass_input(args, "meta", DTYPES[args.dtype])
             with traffic:
                 _, stored = run_variant(variant, vae, z, args, storage="cpu")
         rows.append({"variant": variant, "conv_tflop": round(traffic.flops / 1e12, 1),
@@ -134,7 +157,7 @@ def decode(args: argparse.Namespace) -> dict:
     torch.manual_seed(0)
     device, dtype = torch.device(args.device), DTYPES[args.dtype]
     vae = AutoencoderKL().eval().to(device, dtype)
-    z = torch.randn(1, 4, *args.latent, generator=torch.Generator().manual_seed(1)).to(device, dtype)
+    z = pass_input(args, device, dtype)
     before = rss_mib()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -159,7 +182,7 @@ def run_child(variant: str, args: argparse.Namespace, folder: str) -> dict:
     save = os.path.join(folder, f"{variant}.pt")
     cmd = [sys.executable, os.path.abspath(__file__), "--child", variant, "--save", save, "--device", args.device,
            "--dtype", args.dtype, "--slab", str(args.slab), "--threads", str(args.threads),
-           "--latent", *map(str, args.latent)]
+           "--latent", *map(str, args.latent)] + (["--encode"] if args.encode else [])
     if args.old_tiling:
         cmd += ["--old-tiling", args.old_tiling]
     done = subprocess.run(cmd, check=True, capture_output=True, text=True)
@@ -184,37 +207,41 @@ def main() -> None:
                    help="comma list of host, device, auto: where fast/low keep their activations (a GPU matter: "
                         "on a CPU all three are the CPU); rows other than host are named like low@device")
     p.add_argument("--out", default=None,
-                   help="JSON path (default benchmarks/out/tiled_decode_<device>_slab<slab>.json)")
+                   help="JSON path (default benchmarks/out/tiled_<decode|encode>_<device>_slab<slab>.json)")
     p.add_argument("--count", action="store_true",
                    help="count conv FLOPs and host<->device bytes on fake tensors instead of timing (any size)")
+    p.add_argument("--encode", action="store_true",
+                   help="time the VAE encoder on an image of the output size instead of the decoder")
     p.add_argument("--child", help=argparse.SUPPRESS)
     p.add_argument("--save", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
         print(json.dumps(decode(args)))
         return
-    variants = [v for v in args.variants.split(",") if v != "old" or args.old_tiling]
+    variants = [v for v in args.variants.split(",") if v != "old" or (args.old_tiling and not args.encode)]
+    name, verb = ("tiled_encode", "encode") if args.encode else ("tiled_decode", "decode")
     storages = [st for st in args.storage.split(",") if st]
     if set(storages) - {"host", "device", "auto"}:
         p.error(f"--storage takes host, device and auto, got {args.storage!r}")
     if args.count:
         rows = count(args, variants)
-        print(f"VAE decode of a 4x{'x'.join(map(str, args.latent))} latent, {args.dtype}, slab {args.slab}, "
+        print(f"VAE {verb} {'to' if args.encode else 'of'} a 4x{'x'.join(map(str, args.latent))} latent, "
+              f"{args.dtype}, slab {args.slab}, "
               f"counted on fake tensors (GPU = meta, host = cpu)")
         print_table(rows, list(rows[0]))
-        write_json(args.out or os.path.join(OUT, "tiled_decode_count.json"), "tiled_decode_count", "meta", rows,
+        write_json(args.out or os.path.join(OUT, f"{name}_count.json"), f"{name}_count", "meta", rows,
                    command=" ".join(sys.argv), latent=args.latent, dtype=args.dtype, slab=args.slab)
         return
     runs = [v if v in ("untiled", "old") or st == "host" else f"{v}@{st}"
             for v in variants for st in (storages if v in ("fast", "low") else storages[:1])]
     out_size = "x".join(str(4 * s) for s in args.latent)
-    json_path = args.out or os.path.join(OUT, f"tiled_decode_{torch.device(args.device).type}_slab{args.slab}.json")
+    json_path = args.out or os.path.join(OUT, f"{name}_{torch.device(args.device).type}_slab{args.slab}.json")
     meta = dict(command=" ".join(sys.argv), output=out_size, dtype=args.dtype, slab=args.slab, threads=args.threads)
     with tempfile.TemporaryDirectory() as folder:
         rows = []
         for v in runs:  # each variant's figures are on disk as soon as it has run
             rows.append(run_child(v, args, folder))
-            write_json(json_path, "tiled_decode", args.device, [{k: r[k] for k in r if k != "save"} for r in rows],
+            write_json(json_path, name, args.device, [{k: r[k] for k in r if k != "save"} for r in rows],
                        quiet=True, complete=False, **meta)
         ref = torch.load(rows[0]["save"]) if rows[0]["variant"] == "untiled" else None
         for row in rows:
@@ -225,10 +252,11 @@ def main() -> None:
         for row in rows:
             row[f"{key}_x"] = round(row[key] / rows[0][key], 2)
     torch.set_num_threads(args.threads)
-    print(f"VAE decode to {out_size}, {args.dtype}, slab {args.slab}, on {device_name(args.device)}")
+    print(f"VAE {verb} {'of' if args.encode else 'to'} {out_size}, {args.dtype}, slab {args.slab}, "
+          f"on {device_name(args.device)}")
     print_table(rows, ["variant", "seconds", "seconds_x", "cpu_seconds", "cpu_seconds_x", "peak_rss_mib",
                        "extra_rss_mib", "stored_mib", "device_peak_mib", "max_abs_diff", "ref_max_abs"])
-    write_json(json_path, "tiled_decode", args.device, rows, complete=True, **meta)
+    write_json(json_path, name, args.device, rows, complete=True, **meta)
 
 
 if __name__ == "__main__":

@@ -113,6 +113,12 @@ STAGES = (
           _bench("bench_group_norm.py", "--shapes", "unet-L3", "--dtypes", "bf16", "--channels-last", "--no-compile",
                  "--no-backward", "--reps", "2", "--out", "{json}"),
           cap_s=120),
+    Stage("encode", "the latent cache's exact tiled encode at 512x512x128, bf16: host vs GPU storage vs untiled",
+          _bench("bench_tiled_decode.py", "--encode", "--latent", "128", "128", "32", "--dtype", "bf16",
+                 "--variants", "untiled,low", "--storage", "host,device", "--out", "{json}"),
+          _bench("bench_tiled_decode.py", "--encode", "--latent", "8", "8", "4", "--variants", "untiled,low",
+                 "--storage", "host,auto", "--out", "{json}"),
+          cap_s=120),
 )
 STAGE_NAMES = tuple(s.name for s in STAGES)
 RESERVE_S = 25  # kept back for stopping a stage (SIGINT, 10 s, SIGKILL, 10 s) and writing the files

@@ -190,3 +190,54 @@ def test_cache_cli_out_of_memory_is_one_line(data_root, tmp_path, capsys, monkey
     assert main(argv) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "out of memory encoding at --size 32 32 16" in err[0] and "--batch-size 1" in err[0]
+
+
+def test_tiled_encoder_gives_the_cache_the_same_latents(data_root, tmp_path, capsys):
+    """--encode-slab changes memory and time, not the latents: a cache made with the exact tiled encoder
+    (3-row slabs, both host-memory modes) holds what the one-piece encode gives."""
+    from text2ct_engine.models import AutoencoderKL
+
+    vae = AutoencoderKL(num_channels=[8, 8, 16], num_res_blocks=[1, 1, 1], norm_num_groups=4)
+    vae.save_pretrained(str(tmp_path / "model" / "vae"))
+    common = ["--data", data_root, "--vae", str(tmp_path / "model"), "--size", "32", "32", "16", "--spacing", "12",
+              "12", "24", "--device", "cpu", "--dtype", "float32"]
+    caches = {}
+    for name, extra in {"whole": ["--encode-slab", "0"], "low": ["--encode-slab", "3"],
+                        "fast": ["--encode-slab", "3", "--encode-host-memory", "fast"]}.items():
+        assert main([*common, "--out", str(tmp_path / name), *extra]) == 0
+        caches[name] = LatentCacheDataset(str(tmp_path / name))
+    whole = caches.pop("whole")
+    for cache in caches.values():
+        assert cache.names == whole.names and len(whole) == 5
+        for i in range(len(whole)):
+            for key in ("mu", "sigma"):
+                torch.testing.assert_close(cache[i][key], whole[i][key], rtol=1e-5, atol=1e-5)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as done:
+        main([*common, "--out", str(tmp_path / "bad"), "--encode-slab", "3x"])
+    assert done.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--encode-slab" in err[0] and "0 (no tiling) or auto" in err[0], err
+
+
+def test_encoder_choice():
+    """auto tiles the engine's VAE only where its widest activation is large; a stand-in VAE is never tiled
+    by auto, and asking to tile it is refused in one line."""
+    from text2ct_engine.data.cache import volume_encoder
+    from text2ct_engine.models import AutoencoderKL
+    from text2ct_engine.tiling import auto_slab
+
+    assert auto_slab((512, 512, 128), 64, 2) == 32  # 4 GiB of bf16 at full resolution
+    assert auto_slab((32, 32, 16), 8, 4) is None
+    cpu = torch.device("cpu")
+    x = torch.rand(1, 1, 32, 32, 16) + 0.1
+    vae = AutoencoderKL(num_channels=[8, 8], num_res_blocks=[1, 1], attention_levels=[False, False],
+                        norm_num_groups=4)
+    with torch.no_grad():
+        ref = vae.encode(x)[0]
+        for slab in ("auto", None, 4):
+            torch.testing.assert_close(volume_encoder(vae, cpu, (32, 32, 16), slab)(x)[0], ref, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(volume_encoder(TinyVAE(), cpu, (512, 512, 128), "auto")(x)[0],
+                                   TinyVAE().encode(x)[0])
+    with pytest.raises(ValueError, match="needs the engine's AutoencoderKL.*--encode-slab 0"):
+        volume_encoder(TinyVAE(), cpu, (32, 32, 16), 4)

@@ -5,8 +5,8 @@ from functools import partial
 import pytest
 import torch
 
-from text2ct_engine.memory import (MemoryTracker, Setup, decode_step, main, run_phase, sampling_step, track,
-                                   training_step)
+from text2ct_engine.memory import (MemoryTracker, Setup, decode_step, encode_step, main, run_phase, sampling_step,
+                                   track, training_step, vae_pass_phases)
 
 # Tiny networks of the Text2CT layout; head size 16 so the Triton attention op (16/32/64/128) serves them.
 UNET = dict(num_channels=[16, 32], attention_levels=[False, True], num_head_channels=[0, 16], num_res_blocks=1,
@@ -24,6 +24,8 @@ WORKLOADS = {  # train_ckpt runs every op of train, and the recomputation on top
     "decode": decode_step,
     "decode_tiled": partial(decode_step, slab=4),
     "decode_tiled_fast": partial(decode_step, slab=4, host_memory="fast"),
+    "encode": encode_step,
+    "encode_tiled": partial(encode_step, slab=4),
     "train_ckpt": partial(training_step, checkpointing=True),
 }
 
@@ -48,12 +50,8 @@ def planned():
     return {
         "train": run_phase("train", "train", training_step, train),
         "train_ckpt": run_phase("train_ckpt", "ckpt", partial(training_step, checkpointing=True), train),
-        "decode_untiled": run_phase("decode_untiled", "untiled", decode_step, decode),
-        "decode_tiled": run_phase("decode_tiled", "tiled", partial(decode_step, slab=4), decode),
-        "decode_tiled_fast": run_phase("decode_tiled_fast", "tiled fast",
-                                       partial(decode_step, slab=4, host_memory="fast"), decode),
-        "decode_tiled_device": run_phase("decode_tiled_device", "tiled on the device",
-                                         partial(decode_step, slab=4, on_device=True), decode),
+        **{r.key: r for r in vae_pass_phases("decode", "decode", decode_step, decode, "", "triton")},
+        **{r.key: r for r in vae_pass_phases("encode", "encode", encode_step, decode, "", "triton")},
     }
 
 
@@ -84,6 +82,23 @@ def test_tiled_decode_on_the_device_keeps_its_activations_there(planned):
     volume = 64 * 64 * 32 * 4  # the fp32 HU volume: the host holds it and its stacked copy, nothing else
     assert dev.host_bytes <= 2 * volume < low.host_bytes
     assert low.device_bytes < dev.device_bytes <= low.device_bytes + low.host_bytes
+
+
+def test_tiled_encode_lowers_the_device_peak(planned):
+    """The latent cache's encode: tiled, the device holds slabs only (the image and activations stay on the
+    host); stored on the device, it still holds less than the one-piece encode."""
+    untiled, low, fast = planned["encode_untiled"], planned["encode_tiled"], planned["encode_tiled_fast"]
+    dev = planned["encode_tiled_device"]
+    image = 64 * 64 * 32 * 4  # float32, read on the host
+    assert untiled.host_bytes <= image + 512
+    for tiled in (low, fast):
+        assert tiled.device_bytes < 0.3 * untiled.device_bytes
+    # host: the float32 image, its bf16 copy, then (bf16, C = 8 channels at full resolution = 4 images) low
+    # holds one C-channel tensor and its downsampled result (C/8), fast two C-channel tensors
+    assert low.host_bytes == (1 + 0.5 + 4 + 0.5) * image
+    assert fast.host_bytes == (1 + 0.5 + 8) * image
+    assert dev.host_bytes == 1.5 * image  # the image and its bf16 copy, made on the host
+    assert low.device_bytes < dev.device_bytes < untiled.device_bytes
 
 
 def test_tracker_counts_each_storage_once_until_freed():

@@ -1,5 +1,6 @@
 """Slab-wise VAE decoding equals the untiled decode in every host-memory mode, for any slab size (1-row slabs,
-tails), and the low-memory mode holds the bytes it claims."""
+tails), and the low-memory mode holds the bytes it claims; the storage policy, for decoding and encoding
+alike (the encoder's exactness: test_tiled_encode.py)."""
 import math
 
 import pytest
@@ -8,7 +9,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 
 from text2ct_engine.memory import MemoryTracker, materialize
 from text2ct_engine.models import AutoencoderKL
-from text2ct_engine.tiling import SlabDecoder, Stored, tiled_decode
+from text2ct_engine.tiling import SlabDecoder, SlabEncoder, Stored, tiled_decode
 
 # Text2CT's decoder layout scaled down: 3 levels of 2 ResBlocks, channels halving towards full resolution
 # (so the first full-resolution ResBlock changes channels, with a 1x1 shortcut), 4 groups.
@@ -96,19 +97,26 @@ def test_low_host_memory_holds_a_third_of_the_old_bytes():
     assert 3 * peaks["low"] < old and peaks["low"] < 0.45 * peaks["fast"]
 
 
+# Each pass with an input it takes on the compute device (the decoder's latent; the encoder's image may stay
+# on the host): its class and input shape.
+PASSES = {"decode": (SlabDecoder, (1, 4, 6, 5, 3)), "encode": (SlabEncoder, (1, 1, 12, 8, 8))}
+
+
+@pytest.mark.parametrize("kind", list(PASSES))
 @pytest.mark.parametrize("host_memory", ["low", "fast"])
-def test_stored_bytes_equal_what_the_host_holds(host_memory):
-    """The decoder's own count is what a tracker sees on the host when computing elsewhere (fake tensors:
-    compute on meta, storage on the CPU), to the byte."""
+def test_stored_bytes_equal_what_the_host_holds(host_memory, kind):
+    """A pass's own count is what a tracker sees on the host when computing elsewhere (fake tensors: compute
+    on meta, storage on the CPU), to the byte (the encoder's image, made on the host, included)."""
+    runner, shape = PASSES[kind]
     with torch.device("meta"):
         vae = AutoencoderKL(**TEXT2CT).eval()
     tracker = MemoryTracker(block=1, timeline=False)
     with FakeTensorMode(), tracker:
         materialize(vae, "meta")
-        decoder = SlabDecoder(vae, slab=4, storage="cpu", host_memory=host_memory)
-        out = decoder(torch.zeros(1, 4, 6, 5, 3, device="meta"))
-        assert out.device.type == "cpu"
-    assert tracker.peak["cpu"] == decoder.peak_stored_bytes > 0
+        slabs = runner(vae, slab=4, storage="cpu", host_memory=host_memory)
+        out = slabs(torch.zeros(shape, device="meta" if kind == "decode" else "cpu"))
+        assert out.device.type == "cpu" if kind == "decode" else out[0].device.type == "meta"
+    assert tracker.peak["cpu"] == slabs.peak_stored_bytes > 0
 
 
 def test_overwriting_in_place_keeps_the_rows_a_halo_still_reads():
@@ -194,20 +202,22 @@ def test_storage_argument_forms():
         SlabDecoder(vae, 2, storage="gpu-please")
 
 
+@pytest.mark.parametrize("kind", list(PASSES))
 @pytest.mark.parametrize("host_memory,slab", [("low", 4), ("fast", 4), ("low", 2)])
-def test_device_need_covers_what_storing_on_the_device_holds(host_memory, slab):
-    """The "auto" storage estimate against the peak a tracker sees when the decoder stores on its compute
-    device (fake tensors on meta): never below it (or the device would run out), within 3x of it."""
+def test_device_need_covers_what_storing_on_the_device_holds(host_memory, slab, kind):
+    """The "auto" storage estimate against the peak a tracker sees when a pass stores on its compute device
+    (fake tensors on meta): never below it (or the device would run out), within 3x of it."""
+    runner, shape = PASSES[kind]
+    shape = (*shape[:2], *(4 * s for s in shape[2:])) if kind == "encode" else (*shape[:2], 16, 8, 6)
     with torch.device("meta"):
         vae = AutoencoderKL(**TEXT2CT).eval()
     tracker = MemoryTracker(block=1, timeline=False)
     with FakeTensorMode(), tracker:
         materialize(vae, "meta")
         weights = sum(p.numel() * p.element_size() for p in vae.parameters())
-        decoder = SlabDecoder(vae, slab=slab, storage="device", host_memory=host_memory)
-        z = torch.zeros(1, 4, 16, 8, 6, device="meta")
-        decoder(z)
-        need = decoder.device_need(tuple(vae.post_quant_conv(z).shape))
+        slabs = runner(vae, slab=slab, storage="device", host_memory=host_memory)
+        slabs(torch.zeros(shape, device="meta"))
+        need = slabs.device_need(shape)  # the decoder's 1x1 post-quant conv keeps the latent's shape
     held = tracker.peak["meta"] - weights
     assert held <= need <= 3 * held, (held, need)
 
@@ -217,7 +227,7 @@ def test_moments_widen_a_block_of_channels_at_a_time(monkeypatch):
     tensor made while adding stays within WORK_BYTES (a reduction told to widen copies its whole input)."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
-    from text2ct_engine import tiling
+    from text2ct_engine.tiling import nodes
 
     class Widest(TorchDispatchMode):
         biggest = 0
@@ -229,9 +239,9 @@ def test_moments_widen_a_block_of_channels_at_a_time(monkeypatch):
                     Widest.biggest = max(Widest.biggest, t.numel() * 8)
             return out
 
-    monkeypatch.setattr(tiling, "WORK_BYTES", 2 * 3 * 5 * 6 * 7 * 8)  # 3 of the 11 channels per block
+    monkeypatch.setattr(nodes, "WORK_BYTES", 2 * 3 * 5 * 6 * 7 * 8)  # 3 of the 11 channels per block
     rows = (torch.randn(2, 11, 5, 6, 7) * 3 + 1).to(torch.bfloat16)
-    m = tiling.Moments(2, 11, torch.device("cpu"))
+    m = nodes.Moments(2, 11, torch.device("cpu"))
     with Widest():
         m.add(rows)
         m.add(rows[:, :, :2])

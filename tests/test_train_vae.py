@@ -72,7 +72,7 @@ def test_training_learns_and_the_saved_model_reconstructs_the_same(phantoms, tmp
     with torch.no_grad():
         torch.testing.assert_close(loaded.reconstruct(x), vae.reconstruct(x), rtol=0, atol=0)
     assert evaluate_vae(loaded, held) == pytest.approx(scores[0])
-    assert evaluate_vae(loaded, held, slab=2) == pytest.approx(scores[0], rel=1e-5)  # exact tiled decode
+    assert evaluate_vae(loaded, held, slab=2) == pytest.approx(scores[0], rel=1e-5)  # exact tiled passes
 
 
 def test_resume_is_exact_with_the_discriminator(phantoms, tmp_path):

@@ -26,6 +26,16 @@ def path(value: str) -> str:
     return value
 
 
+def slab(value: str) -> int | str | None:
+    """argparse ``type`` of an exact tiled VAE pass's rows per slab: a positive number, ``auto`` (tile only
+    large volumes), or 0 for no tiling (None)."""
+    if value == "auto":
+        return value
+    if value.isdigit():
+        return int(value) or None
+    raise argparse.ArgumentTypeError(f"must be a positive number of rows, 0 (no tiling) or auto, got {value!r}")
+
+
 def check_output_file(flag: str, path: str, force: bool) -> None:
     """Before any work: ``flag``'s ``path`` must be a file that can be written now; an existing one needs
     --force (one-line ``ValueError`` naming the flag)."""

@@ -1,4 +1,5 @@
-"""Peak-memory planner: how much GPU (and host) memory sampling and training need, computed without a GPU.
+"""Peak-memory planner: how much GPU (and host) memory sampling, the latent cache and training need, computed
+without a GPU.
 
     python -m text2ct_engine.memory                      # Text2CT at 512x512x128, bf16, batch 1
     python -m text2ct_engine.memory --what train --ema --dtype fp32 --json plan.json
@@ -46,12 +47,12 @@ from . import ops
 from .cli import Parser, check_output_file, path as cli_path, run_guarded
 from .models import AutoencoderKL, DiffusionUNet
 from .pipeline import PipelineConfig, Text2CTPipeline
-from .tiling import tiled_decode
+from .tiling import tiled_decode, tiled_encode
 
 GIB = 2 ** 30
 BLOCK = 512  # CUDA's caching allocator rounds every block up to a multiple of 512 bytes
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-WHAT = ("sample", "train", "all")
+WHAT = ("sample", "cache", "train", "all")
 DEVICE, HOST = "meta", "cpu"  # the planned accelerator and the host, as fake-tensor devices
 
 
@@ -376,6 +377,21 @@ def decode_step(s: Setup, unet: DiffusionUNet, vae: AutoencoderKL, slab: int | N
         torch.stack(volumes)
 
 
+def encode_step(s: Setup, unet: DiffusionUNet, vae: AutoencoderKL, slab: int | None = None,
+                host_memory: str = "low", on_device: bool = False) -> None:
+    """One volume -> latent mean and std as the latent cache encodes it (VAE weights resident, the volume read
+    into host memory in float32); ``slab`` None for the one-piece encode on the device, else the exact tiled
+    encoder, the image and stored activations on the host (or on the device, ``on_device``)."""
+    materialize(vae.eval(), s.device, s.dtype)
+    with torch.no_grad():
+        for _ in range(s.batch):  # the cache encodes batch-size volumes at once; planned one by one per call
+            x = torch.zeros((1, 1, *s.volume), device=s.host, dtype=torch.float32)
+            if slab is None:
+                vae.encode(x.to(s.device, s.dtype))
+            else:
+                tiled_encode(vae, x, slab, s.device if on_device else s.host, host_memory)
+
+
 def adamw_update(params: list[torch.Tensor], exp_avg: list[torch.Tensor], exp_avg_sq: list[torch.Tensor],
                  lr: float = 1e-4, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8) -> None:
     """An AdamW step with the memory of torch's multi-tensor (foreach) AdamW, the default on CUDA:
@@ -428,7 +444,7 @@ def training_step(s: Setup, unet: DiffusionUNet, vae: AutoencoderKL, checkpointi
 @dataclass
 class PhasePlan:
     """One planned phase: device and host peaks (bytes), where the device peak happened, notes."""
-    key: str  # sample | decode_untiled | decode_tiled | decode_tiled_fast | decode_tiled_device | train | train_ckpt
+    key: str  # sample | decode_* | encode_* (untiled, tiled, tiled_fast, tiled_device) | train | train_ckpt
     phase: str
     device_bytes: int
     host_bytes: int
@@ -490,6 +506,21 @@ def weight_bytes(module: nn.Module, dtype: torch.dtype) -> int:
     return sum(_prod(p.shape) for p in module.parameters()) * torch.finfo(dtype).bits // 8
 
 
+def vae_pass_phases(kind: str, label: str, step: Workload, s: Setup, notes: str, backend: str) -> list[PhasePlan]:
+    """A VAE pass (``kind`` decode or encode) untiled, exact tiled in both host-memory modes with activations
+    on the host, and tiled with activations on the device: keys ``<kind>_untiled``, ``<kind>_tiled``,
+    ``<kind>_tiled_fast``, ``<kind>_tiled_device``."""
+    tiled = f"{label}, exact tiled, slab {s.slab}"
+    rows = [run_phase(f"{kind}_untiled", f"{label}, untiled", step, s, notes, backend)]
+    for mode, key in (("low", f"{kind}_tiled"), ("fast", f"{kind}_tiled_fast")):
+        rows.append(run_phase(key, f"{tiled}, host_memory={mode}", partial(step, slab=s.slab, host_memory=mode), s,
+                              f"{notes}; activations on the host", backend))
+    rows.append(run_phase(f"{kind}_tiled_device", f"{tiled}, activations on the device",
+                          partial(step, slab=s.slab, on_device=True), s,
+                          f"{notes}; what storage=auto picks where it fits", backend))
+    return rows
+
+
 def plan(s: Setup, what: str = "all", backend: str = "triton") -> list[PhasePlan]:
     """Plan the sampling and/or training phases of ``s`` (see the module docstring)."""
     if what not in WHAT:
@@ -501,14 +532,10 @@ def plan(s: Setup, what: str = "all", backend: str = "triton") -> list[PhasePlan
     if what in ("sample", "all"):
         b2 = f"batch {2 * s.batch} = cond + uncond"
         rows.append(run_phase("sample", f"sample: CFG UNet step ({b2})", sampling_step, s, resident, backend))
-        rows.append(run_phase("decode_untiled", "decode: VAE, untiled", decode_step, s, resident, backend))
-        for mode, key in (("low", "decode_tiled"), ("fast", "decode_tiled_fast")):
-            rows.append(run_phase(key, f"decode: VAE, exact tiled, slab {s.slab}, host_memory={mode}",
-                                  partial(decode_step, slab=s.slab, host_memory=mode), s,
-                                  f"{resident}; activations on the host", backend))
-        rows.append(run_phase("decode_tiled_device", f"decode: VAE, exact tiled, slab {s.slab}, activations on "
-                              "the device", partial(decode_step, slab=s.slab, on_device=True), s,
-                              f"{resident}; what storage=auto picks where it fits", backend))
+        rows += vae_pass_phases("decode", "decode: VAE", decode_step, s, resident, backend)
+    if what in ("cache", "all"):
+        vae_resident = f"VAE weights {gib(weight_bytes(vae, s.dtype))} GiB; one volume"
+        rows += vae_pass_phases("encode", "latent cache: VAE encode", encode_step, s, vae_resident, backend)
     if what in ("train", "all"):
         n = sum(_prod(p.shape) for p in unet.parameters())
         compute = "" if s.dtype == torch.float32 else f", {_name(s.dtype)} compute"
@@ -546,12 +573,14 @@ def summary(rows: Sequence[PhasePlan]) -> list[str]:
     """One line per job: the largest device peak among the phases that job runs."""
     by = {r.key: r for r in rows}
     out = []
-    if "sample" in by:
-        for key, kind in (("tiled", "tiled (host_memory=low)"), ("tiled_fast", "tiled (host_memory=fast)"),
-                          ("tiled_device", "tiled (activations on the device)"), ("untiled", "untiled")):
-            d = by[f"decode_{key}"]
-            peak = max(by["sample"].device_gib, d.device_gib)
-            out.append(f"sampling with the {kind} decode: {peak:.2f} GiB device, {d.host_gib:.2f} GiB host")
+    variants = (("tiled", "tiled (host_memory=low)"), ("tiled_fast", "tiled (host_memory=fast)"),
+                ("tiled_device", "tiled (activations on the device)"), ("untiled", "untiled"))
+    for job, kind, before in (("sampling", "decode", "sample"), ("latent cache", "encode", None)):
+        for key, variant in variants:
+            r = by.get(f"{kind}_{key}")
+            if r is not None:
+                peak = max(by[before].device_gib, r.device_gib) if before else r.device_gib
+                out.append(f"{job} with the {variant} {kind}: {peak:.2f} GiB device, {r.host_gib:.2f} GiB host")
     for key, label in (("train", "training"), ("train_ckpt", "training with gradient checkpointing")):
         if key in by:
             out.append(f"{label}: {by[key].device_gib:.2f} GiB device")
@@ -564,8 +593,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="output voxels (default 512 512 128)")
     p.add_argument("--dtype", default="bf16", help="bf16 (default), fp16 or fp32")
     p.add_argument("--batch", type=int, default=1, help="volumes per sampling call / training batch (default 1)")
-    p.add_argument("--slab", type=int, default=32, help="rows per slab of the exact tiled decode (default 32)")
-    p.add_argument("--what", default="all", help="sample, train or all (default)")
+    p.add_argument("--slab", type=int, default=32,
+                   help="rows per slab of the exact tiled decode and encode (default 32)")
+    p.add_argument("--what", default="all", help="sample, cache (the latent cache's encode), train or all (default)")
     p.add_argument("--ema", action="store_true", help="training keeps an fp32 EMA copy of the UNet")
     p.add_argument("--backend", default="triton", help="ops backend for GroupNorm/attention: triton or torch")
     p.add_argument("--unet-config", type=cli_path,

@@ -19,7 +19,7 @@ import torch
 from .io_utils import read_json_object, write_json
 from .models import AutoencoderKL, DiffusionUNet
 from .schedulers import RFlowScheduler, scheduler_from_dict
-from .tiling import tiled_decode
+from .tiling import auto_slab, tiled_decode
 
 PIPELINE_FILE = "pipeline.json"
 MAX_SIDE, MAX_VOXELS = 4096, 2**31  # far beyond any CT; a larger request is a typo, not a volume
@@ -288,12 +288,8 @@ class Text2CTPipeline:
 
     def auto_slab(self, latent_shape: Sequence[int]) -> int | None:
         """Slab rows for exact tiled decoding, or None when the untiled decode's widest activation is small."""
-        f = self.vae_factor
-        voxels = 1
-        for s in latent_shape[-3:]:
-            voxels *= s * f
-        widest = voxels * self.vae.config.num_channels[0] * torch.finfo(self.dtype).bits // 8
-        return 32 if widest > 256 * 2**20 else None
+        volume = [s * self.vae_factor for s in latent_shape[-3:]]
+        return auto_slab(volume, self.vae.config.num_channels[0], self.dtype.itemsize)
 
     def decode_latents(self, latents: torch.Tensor, slab: int | None | str = "auto",
                        host_memory: str = "low", storage: str = "auto") -> torch.Tensor:

@@ -22,7 +22,7 @@ from functools import partial
 
 import torch
 
-from .cli import Parser, run_guarded, path as cli_path
+from .cli import Parser, run_guarded, path as cli_path, slab as cli_slab
 from .pipeline import (MAX_SEED, Text2CTPipeline, check_guidance, check_steps, has_text_encoder,
                        resolve_device)
 from .volume_io import check_writable, save_nifti, save_preview
@@ -89,7 +89,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--spacing", type=float, nargs=3, metavar=("SX", "SY", "SZ"), help="mm per voxel")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--dtype", choices=sorted(DTYPES), help="default: bfloat16 on CUDA, float32 on CPU")
-    p.add_argument("--decode-slab", default="auto",
+    p.add_argument("--decode-slab", type=cli_slab, default="auto",
                    help="rows per slab of the exact tiled VAE decode, 0 for no tiling, auto (default)")
     p.add_argument("--decode-host-memory", choices=("low", "fast"), default="low",
                    help="tiled decode: low (default) recomputes the full-resolution level to keep ~3x less in "
@@ -129,15 +129,6 @@ def check_numbers(args: argparse.Namespace, n: int) -> None:
     if not 0 <= args.seed <= MAX_SEED - (n - 1):
         raise ValueError(f"--seed must be between 0 and 2**63 - {n} (prompt i uses seed + i and seeds are "
                          f"63-bit), got {args.seed}")
-
-
-def parse_slab(value: str) -> int | str | None:
-    slab = None if value == "0" else value
-    if slab not in (None, "auto"):
-        if not slab.isdigit():
-            raise ValueError(f"--decode-slab must be a positive number of rows, 0 or auto, got {slab}")
-        slab = int(slab)
-    return slab
 
 
 def pick_device(args: argparse.Namespace) -> tuple[torch.device, torch.dtype]:
@@ -181,7 +172,6 @@ def run(args: argparse.Namespace) -> None:
     prompts = read_prompts(args)
     outputs = check_outputs(args, len(prompts))
     check_numbers(args, len(prompts))
-    slab = parse_slab(args.decode_slab)
     device, dtype = pick_device(args)
     model = pick_model(args.model, prompts)
     pipe = Text2CTPipeline.from_pretrained(model, device=device, dtype=dtype)
@@ -194,7 +184,7 @@ def run(args: argparse.Namespace) -> None:
         bar = tqdm(total=steps * len(prompts), unit="step", desc="sampling")
     for i, (prompt, (nii, png)) in enumerate(zip(prompts, outputs)):
         volume = pipe(prompt, steps=steps, guidance=args.guidance, seed=args.seed + i, size=size,
-                      spacing=spacing, allow_empty=args.unconditional, decode_slab=slab,
+                      spacing=spacing, allow_empty=args.unconditional, decode_slab=args.decode_slab,
                       decode_host_memory=args.decode_host_memory, decode_storage=args.decode_storage,
                       progress=partial(show_step, bar) if bar is not None else None)[0]
         save_nifti(volume, spacing, nii, overwrite=args.force)

@@ -196,7 +196,10 @@ class AutoencoderKL(PretrainedMixin, nn.Module):
 
     def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Image (B, C, D, H, W) -> latent mean and standard deviation."""
-        h = self.encoder(x)
+        return self.posterior(self.encoder(x))
+
+    def posterior(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Encoder output -> latent mean and standard deviation (log-variance clamped to [-30, 20])."""
         z_mu = self.quant_conv_mu(h)
         z_log_var = torch.clamp(self.quant_conv_log_sigma(h), -30.0, 20.0)
         return z_mu, torch.exp(z_log_var / 2)

@@ -7,7 +7,7 @@ hinge adversarial loss against a small 3D PatchGAN discriminator, trained altern
 perceptual (LPIPS / MedicalNet) loss: those need pretrained weights, and nothing here downloads anything.
 Memory: gradient checkpointing of every encoder/decoder block, bf16 autocast on CUDA, patches instead of
 whole volumes. Held-out whole volumes are reconstructed from the latent mean (exactly, slab by slab with
-``eval_slab``) and scored by PSNR (dB, over the [0, 1] range) and mean absolute error in HU.
+``eval_slab``, encoder and decoder) and scored by PSNR (dB, over the [0, 1] range) and mean absolute error in HU.
 
     python -m text2ct_engine.train vae --data data/phantom --out runs/vae --size 128 128 128 --spacing 3 3 3
 
@@ -66,7 +66,7 @@ class VAETrainConfig:
     log_every: int = 10
     save_every: int = 500
     eval_every: int = 500
-    eval_slab: int = 0  # 0: plain decode of held-out volumes; N: exact tiled decode, N rows per slab
+    eval_slab: int = 0  # 0: held-out volumes in one piece; N: exact tiled encode and decode, N rows per slab
     seed: int = 0
     num_workers: int = 0
 
@@ -143,10 +143,10 @@ def evaluate_vae(vae: AutoencoderKL, volumes: Sequence[torch.Tensor], hu_window:
                  slab: int = 0, autocast: bool = False) -> dict[str, float]:
     """Mean PSNR (dB, range [0, 1]) and MAE (HU) of whole-volume reconstructions from the latent mean.
 
-    ``volumes``: (1, X, Y, Z) tensors in [0, 1]. ``slab`` > 0 decodes exactly in slabs (``tiling``, in the
-    weights' dtype), else in one piece; ``autocast`` runs the encoder (and a one-piece decode) in bf16.
+    ``volumes``: (1, X, Y, Z) tensors in [0, 1]. ``slab`` > 0 encodes and decodes exactly in slabs
+    (``tiling``, in the weights' dtype), else in one piece; ``autocast`` runs a one-piece pass in bf16.
     """
-    from ..tiling import tiled_decode
+    from ..tiling import tiled_decode, tiled_encode
 
     device, f = next(vae.parameters()).device, vae.config.downsample_factor
     psnr, mae = [], []
@@ -155,9 +155,8 @@ def evaluate_vae(vae: AutoencoderKL, volumes: Sequence[torch.Tensor], hu_window:
             raise ValueError(f"held-out volume size {tuple(v.shape[1:])} is not a multiple of the VAE's "
                              f"downsampling factor {f}")
         x = v[None].to(device, torch.float32)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
-            z = vae.encode(x)[0].float()
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast and not slab):
+            z = (tiled_encode(vae, x, slab) if slab else vae.encode(x))[0].float()
             recon = (tiled_decode(vae, z, slab) if slab else vae.decode(z)).float().clamp(0, 1)
         err = recon - x
         psnr.append(-10 * math.log10(max(err.pow(2).mean().item(), 1e-12)))
