@@ -12,6 +12,7 @@ from typing import Sequence
 import torch
 
 from .models import CLIP3D, CLIPTextModelWithProjection, convert_text2ct_clip_state_dict
+from .models.serialization import build_on_meta
 from .tokenizer import CLIPTokenizer
 
 CLIP_DIR, TOKENIZER_FILE = "clip", "tokenizer.json"
@@ -76,7 +77,7 @@ def convert_clip_checkpoint(checkpoint: dict, path: str, tokenizer_path: str | N
         config, state = convert_text2ct_clip_state_dict(checkpoint, **given)
     except ValueError as err:
         raise ValueError(f"{path}: {err}") from None
-    with torch.device("meta"):
+    with build_on_meta():
         encoder = CLIPTextModelWithProjection(config)
     encoder.load_hf_state_dict(state)
     tokenizer = CLIPTokenizer.from_file(tokenizer_path, context_length=config.max_position_embeddings)

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from .. import ops
-from .serialization import PretrainedMixin, strict_load
+from .serialization import PretrainedMixin, build_on_meta, strict_load
 
 __all__ = [
     "CLIPTextConfig", "CLIPTextTransformer", "CLIPTextModelWithProjection", "CLIPTextOutput",
@@ -435,7 +435,7 @@ def convert_text2ct_clip_state_dict(
     out = {"text_model." + k[len(prefix):]: v for k, v in sd.items()
            if k.startswith(prefix) and k[len(prefix):].startswith(roots) and not k.endswith("position_ids")}
     out["text_projection.weight"] = proj
-    with torch.device("meta"):
+    with build_on_meta():
         model = CLIPTextModelWithProjection(cfg)
     expected = model.state_dict()
     missing = [prefix + k[len("text_model."):] for k in expected if k not in out]

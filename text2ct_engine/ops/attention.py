@@ -29,6 +29,7 @@ import torch.nn.functional as F
 
 from . import backend as _backend
 from .backend import constant_result, requested_backend, triton_usable, xformers_available
+from .library import custom_op
 
 TRITON_HEAD_DIMS = (16, 32, 64, 128)
 TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -85,7 +86,7 @@ def attention_xformers(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tor
 
 # --------------------------------------------------------------------------- triton path (custom ops)
 
-@torch.library.custom_op("text2ct::attention_fwd", mutates_args=())
+@custom_op("text2ct::attention_fwd")
 def _attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                    key_padding_mask: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """Fused forward: (O (B, H, Nq, D), LSE (B, H, Nq) fp32)."""
@@ -100,7 +101,7 @@ def _attention_fwd_fake(q, k, v, key_padding_mask):
     return q.new_empty((B, H, Nq, D)), q.new_empty((B, H, Nq), dtype=torch.float32)
 
 
-@torch.library.custom_op("text2ct::attention_bwd", mutates_args=())
+@custom_op("text2ct::attention_bwd")
 def _attention_bwd(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                    out: torch.Tensor, lse: torch.Tensor, key_padding_mask: Optional[torch.Tensor]
                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 
 from . import cpp_ext
 from .backend import constant_result, requested_backend, triton_usable
+from .library import custom_op
 
 ACTIVATIONS = (None, "silu")
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -106,7 +107,7 @@ def _input_grads(ctx, dx, dw, db, dadd):
 # ------------------------------------------------------------------------------------------------------
 # triton custom op
 # ------------------------------------------------------------------------------------------------------
-@torch.library.custom_op("text2ct::group_norm_triton", mutates_args=())
+@custom_op("text2ct::group_norm_triton")
 def _gn_triton(x: torch.Tensor, num_groups: int, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
                add: Optional[torch.Tensor], eps: float, act: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     from ..kernels import group_norm as k
@@ -118,7 +119,7 @@ def _gn_triton_fake(x, num_groups, weight, bias, add, eps, act):
     return (_empty_output(x), *_stats(x, num_groups))
 
 
-@torch.library.custom_op("text2ct::group_norm_triton_bwd", mutates_args=())
+@custom_op("text2ct::group_norm_triton_bwd")
 def _gn_triton_bwd(dy: torch.Tensor, x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
                    add: Optional[torch.Tensor], mean: torch.Tensor, rstd: torch.Tensor, num_groups: int,
                    act: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -160,7 +161,7 @@ def _f32vec(t: torch.Tensor | None) -> torch.Tensor | None:
     return None if t is None else t.detach().to(torch.float32).contiguous()
 
 
-@torch.library.custom_op("text2ct::group_norm_cpp", mutates_args=(), device_types="cpu")
+@custom_op("text2ct::group_norm_cpp", device_types="cpu")
 def _gn_cpp(x: torch.Tensor, num_groups: int, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
             add: Optional[torch.Tensor], eps: float, act: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     ext = cpp_ext.load()
@@ -221,7 +222,7 @@ def group_norm_backward_torch(dy: torch.Tensor, x: torch.Tensor, weight: torch.T
     return dx, dd.reshape(N, C).sum(0), ds.reshape(N, C).sum(0), dadd
 
 
-@torch.library.custom_op("text2ct::group_norm_cpp_bwd", mutates_args=(), device_types="cpu")
+@custom_op("text2ct::group_norm_cpp_bwd", device_types="cpu")
 def _gn_cpp_bwd(dy: torch.Tensor, x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
                 add: Optional[torch.Tensor], mean: torch.Tensor, rstd: torch.Tensor, num_groups: int,
                 act: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
