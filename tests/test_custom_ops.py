@@ -50,6 +50,24 @@ def test_an_op_runs_fakes_and_differentiates_like_torchs_own():
     torch.testing.assert_close(compiled(x.detach()), x.detach() * 4 + 1)
 
 
+@custom_op("text2ct::_test_double", differentiable=False)
+def double(x: torch.Tensor) -> torch.Tensor:
+    return 2 * x
+
+
+def test_a_backward_op_refuses_to_be_differentiated():
+    """Without an autograd kernel torch would hand back zero gradients (with a warning) for double backward;
+    an op made with differentiable=False raises instead, naming itself. Ops carry pt2_compliant_tag."""
+    x = torch.randn(4, requires_grad=True)
+    y = double(x)
+    torch.testing.assert_close(y, 2 * x.detach())
+    with pytest.raises(RuntimeError, match="text2ct::_test_double has no derivative"):
+        y.sum().backward()
+    for op in (torch.ops.text2ct._test_double.default, torch.ops.text2ct.group_norm_cpp_bwd.default,
+               torch.ops.text2ct.attention_fwd.default):
+        assert torch.Tag.pt2_compliant_tag in op.tags
+
+
 def test_bad_definitions_are_refused():
     with pytest.raises(ValueError, match="text2ct::<name>"):
         custom_op("other::op")
@@ -67,3 +85,21 @@ def test_build_on_meta_skips_only_the_meta_fills():
     assert emb.weight.is_meta and lin.weight.is_meta and lin.bias.is_meta
     assert real.std() > 0.5 and bool(((filled >= 2) & (filled <= 3)).all())
     assert torch.empty(2).device.type == "cpu"  # the device context ended
+
+
+def test_from_pretrained_refuses_to_leave_a_tensor_without_values(tmp_path):
+    """A module built on meta gets its values from the checkpoint; a non-persistent buffer, which no
+    checkpoint holds, would stay a meta tensor: loading says so instead of failing later."""
+    from text2ct_engine.models import AutoencoderKL
+
+    class WithBuffer(AutoencoderKL):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.register_buffer("table", torch.arange(4.0), persistent=False)
+
+    small = dict(num_channels=[8, 8], num_res_blocks=[1, 1], attention_levels=[False, False], norm_num_groups=4)
+    AutoencoderKL(**small).save_pretrained(str(tmp_path / "plain"))
+    assert not any(p.is_meta for p in AutoencoderKL.from_pretrained(str(tmp_path / "plain")).parameters())
+    WithBuffer(**small).save_pretrained(str(tmp_path / "buffer"))
+    with pytest.raises(ValueError, match="WithBuffer keeps table out of its checkpoint"):
+        WithBuffer.from_pretrained(str(tmp_path / "buffer"))

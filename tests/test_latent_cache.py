@@ -241,3 +241,22 @@ def test_encoder_choice():
                                    TinyVAE().encode(x)[0])
     with pytest.raises(ValueError, match="needs the engine's AutoencoderKL.*--encode-slab 0"):
         volume_encoder(TinyVAE(), cpu, (32, 32, 16), 4)
+    # a VAE with attention has no slab form: auto encodes it whole, an explicit slab is refused up front
+    attn = AutoencoderKL(num_channels=[8, 8], num_res_blocks=[1, 1], attention_levels=[False, True],
+                         norm_num_groups=4)
+    with torch.no_grad():
+        ref = attn.encode(x)[0]
+        torch.testing.assert_close(volume_encoder(attn, cpu, (512, 512, 128), "auto")(x)[0], ref)
+    with pytest.raises(ValueError, match="no exact form for SpatialAttention.*--encode-slab 0"):
+        volume_encoder(attn, cpu, (32, 32, 16), 4)
+
+
+def test_a_cache_encoded_under_bf16_autocast_resumes(data_root, tmp_path):
+    """Caches made on a GPU before 2026-12-01 recorded compute "bf16-autocast"; today's bf16 VAE copy gives
+    the same latents to rounding, so resuming such a cache is allowed; another real difference is not."""
+    from text2ct_engine.data.cache import _check_same_config
+
+    today = {"split": "train", "compute": "bf16"}
+    _check_same_config(str(tmp_path), {"split": "train", "compute": "bf16-autocast"}, today)
+    with pytest.raises(DataError, match="compute"):
+        _check_same_config(str(tmp_path), {"split": "train"}, today)  # a CPU-made cache resumed on a GPU

@@ -139,6 +139,8 @@ def test_tiled_decode_refuses_what_it_cannot_do_exactly():
                      use_convtranspose=True)
     with pytest.raises(ValueError, match="use_convtranspose"):
         tiled_decode(vae, torch.randn(1, 4, 2, 2, 2))
+    assert "use_convtranspose" in SlabDecoder.refusal(vae)  # what the pipeline's auto slab asks first
+    assert SlabDecoder.refusal(random_vae(**TINY[0])) is None
     with pytest.raises(ValueError, match="slab"):
         tiled_decode(vae, torch.randn(1, 4, 2, 2, 2), slab=0)
     with pytest.raises(ValueError, match="host_memory"):

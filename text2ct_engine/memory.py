@@ -379,17 +379,17 @@ def decode_step(s: Setup, unet: DiffusionUNet, vae: AutoencoderKL, slab: int | N
 
 def encode_step(s: Setup, unet: DiffusionUNet, vae: AutoencoderKL, slab: int | None = None,
                 host_memory: str = "low", on_device: bool = False) -> None:
-    """One volume -> latent mean and std as the latent cache encodes it (VAE weights resident, the volume read
-    into host memory in float32); ``slab`` None for the one-piece encode on the device, else the exact tiled
-    encoder, the image and stored activations on the host (or on the device, ``on_device``)."""
+    """A batch of volumes -> latent mean and std as the latent cache encodes it (``--batch-size`` volumes at
+    once, read into host memory in float32; VAE weights resident); ``slab`` None for the one-piece encode on
+    the device, else the exact tiled encoder, the images and stored activations on the host (or on the
+    device, ``on_device``)."""
     materialize(vae.eval(), s.device, s.dtype)
     with torch.no_grad():
-        for _ in range(s.batch):  # the cache encodes batch-size volumes at once; planned one by one per call
-            x = torch.zeros((1, 1, *s.volume), device=s.host, dtype=torch.float32)
-            if slab is None:
-                vae.encode(x.to(s.device, s.dtype))
-            else:
-                tiled_encode(vae, x, slab, s.device if on_device else s.host, host_memory)
+        x = torch.zeros((s.batch, 1, *s.volume), device=s.host, dtype=torch.float32)
+        if slab is None:
+            vae.encode(x.to(s.device, s.dtype))
+        else:
+            tiled_encode(vae, x, slab, s.device if on_device else s.host, host_memory)
 
 
 def adamw_update(params: list[torch.Tensor], exp_avg: list[torch.Tensor], exp_avg_sq: list[torch.Tensor],
@@ -534,7 +534,7 @@ def plan(s: Setup, what: str = "all", backend: str = "triton") -> list[PhasePlan
         rows.append(run_phase("sample", f"sample: CFG UNet step ({b2})", sampling_step, s, resident, backend))
         rows += vae_pass_phases("decode", "decode: VAE", decode_step, s, resident, backend)
     if what in ("cache", "all"):
-        vae_resident = f"VAE weights {gib(weight_bytes(vae, s.dtype))} GiB; one volume"
+        vae_resident = f"VAE weights {gib(weight_bytes(vae, s.dtype))} GiB; batch {s.batch}"
         rows += vae_pass_phases("encode", "latent cache: VAE encode", encode_step, s, vae_resident, backend)
     if what in ("train", "all"):
         n = sum(_prod(p.shape) for p in unet.parameters())

@@ -19,7 +19,7 @@ import torch
 from .io_utils import read_json_object, write_json
 from .models import AutoencoderKL, DiffusionUNet
 from .schedulers import RFlowScheduler, scheduler_from_dict
-from .tiling import auto_slab, tiled_decode
+from .tiling import SlabDecoder, auto_slab, tiled_decode
 
 PIPELINE_FILE = "pipeline.json"
 MAX_SIDE, MAX_VOXELS = 4096, 2**31  # far beyond any CT; a larger request is a typo, not a volume
@@ -126,6 +126,18 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     if dev.type not in ("cpu", "cuda"):
         raise ValueError(f"device {device} is not supported: use {DEVICE_NAMES}")
     return dev
+
+
+def available_device(name: str | None) -> torch.device:
+    """A command line's ``--device``: :func:`resolve_device`, and a CUDA device only where a GPU is here;
+    else a one-line ``ValueError`` naming ``--device``."""
+    try:
+        device = resolve_device(name)
+    except ValueError:
+        raise ValueError(f"--device {name}: not a device this runs on (auto, cpu, cuda, cuda:N)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name} asked for, but no CUDA GPU is available here: use --device cpu")
+    return device
 
 
 def has_text_encoder(directory: str | os.PathLike) -> bool:
@@ -287,7 +299,10 @@ class Text2CTPipeline:
         return x
 
     def auto_slab(self, latent_shape: Sequence[int]) -> int | None:
-        """Slab rows for exact tiled decoding, or None when the untiled decode's widest activation is small."""
+        """Slab rows for exact tiled decoding, or None when the untiled decode's widest activation is small
+        (or the VAE has no slab form: attention blocks, transposed-conv upsampling)."""
+        if SlabDecoder.refusal(self.vae) is not None:
+            return None
         volume = [s * self.vae_factor for s in latent_shape[-3:]]
         return auto_slab(volume, self.vae.config.num_channels[0], self.dtype.itemsize)
 

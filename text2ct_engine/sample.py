@@ -23,8 +23,8 @@ from functools import partial
 import torch
 
 from .cli import Parser, run_guarded, path as cli_path, slab as cli_slab
-from .pipeline import (MAX_SEED, Text2CTPipeline, check_guidance, check_steps, has_text_encoder,
-                       resolve_device)
+from .pipeline import (MAX_SEED, Text2CTPipeline, available_device, check_guidance, check_steps,
+                       has_text_encoder)
 from .volume_io import check_writable, save_nifti, save_preview
 
 DEFAULT_MODEL = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "phantom_model")
@@ -133,12 +133,7 @@ def check_numbers(args: argparse.Namespace, n: int) -> None:
 
 def pick_device(args: argparse.Namespace) -> tuple[torch.device, torch.dtype]:
     """--device and --dtype: a device that is here, and a dtype it can sample in."""
-    try:
-        device = resolve_device(args.device)
-    except ValueError:
-        raise ValueError(f"--device {args.device}: not a device this runs on (auto, cpu, cuda, cuda:N)") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda asked for, but no CUDA GPU is available here: use --device cpu")
+    device = available_device(args.device)
     dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
     if device.type == "cpu" and dtype != torch.float32:
         raise ValueError(f"--dtype {args.dtype}: sampling on the CPU supports float32 only; leave --dtype out "

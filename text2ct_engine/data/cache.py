@@ -12,8 +12,9 @@ index. The index records the split, the data set's folder, the preprocessing and
 digest of its weights): a cache made with other settings is refused rather than mixed. The VAE is any
 module with ``encode(x) -> (mu, sigma)`` (the engine's :class:`AutoencoderKL`); latents are stored unscaled
 (the diffusion trainer applies ``scale_factor``). Large volumes go through the engine's exact tiled encoder
-(:mod:`text2ct_engine.tiling`): the same latents, and at 512x512x128 in bf16 a GPU peak of 1.2 GiB instead of
-16.1 GiB (planned on fake tensors), so an 8 GB card can build a full-size cache.
+(:mod:`text2ct_engine.tiling`): the same latents to float rounding, and at 512x512x128 in bf16 a GPU peak of
+1.2 GiB with its activations in host RAM instead of 16.1 GiB (planned on fake tensors), so an 8 GB card can
+build a full-size cache (a 12 GB card or more keeps them on the GPU: 5.2 GiB).
 
 CLI::
 
@@ -36,7 +37,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from ..cli import Parser as CLIParser, describe_os_error, is_out_of_memory, path as cli_path, slab as cli_slab
 from ..io_utils import atomic_path, write_json
-from ..tiling import auto_slab, tiled_encode
+from ..tiling import SlabEncoder, auto_slab
 from .ctrate import CTRATEDataset, collate, dataset_root
 from .errors import BadDataError, DataError
 from .labels import CTRATE_LABELS
@@ -74,9 +75,16 @@ def cache_config(ds: CTRATEDataset, vae_name: str, dtype: torch.dtype, vae_weigh
             "dtype": str(dtype).replace("torch.", ""), "labels": list(CTRATE_LABELS)}
 
 
+# Settings recorded by earlier versions that compute the same latents to float rounding as today's.
+SAME_AS = {"compute": {"bf16-autocast": "bf16"}}  # bf16 autocast (before 2026-12-01) vs a bf16 VAE copy
+
+
 def _check_same_config(out_dir: str, have: dict, want: dict) -> None:
     """One-line ``DataError`` naming the settings in which the cache ``out_dir`` differs from this run's."""
     have, want = json.loads(json.dumps(have)), json.loads(json.dumps(want))
+    for key, same in SAME_AS.items():
+        if key in have:
+            have[key] = same.get(have[key], have[key])
     changed = [k for k in sorted(set(have) | set(want)) if have.get(k) != want.get(k)]
     if changed:
         diff = "; ".join(f"{k}: {have.get(k)!r} there, {want.get(k)!r} here" for k in changed if k != "labels")
@@ -88,8 +96,9 @@ def volume_encoder(vae: torch.nn.Module, device: torch.device, size: Sequence[in
                    ) -> Callable[[torch.Tensor], Any]:
     """``encode(x)`` for the cache: on a GPU in bf16 (a bf16 copy of the VAE: half the memory of fp32),
     on the CPU in the VAE's dtype. ``slab`` rows per slab of the exact tiled encoder (``tiling``: the same
-    latents in a fraction of the memory; the image stays on the host), None for one piece, "auto" to tile
-    the engine's VAE where its widest activation at ``size`` exceeds 256 MiB."""
+    latents to float rounding in a fraction of the memory; the image stays on the host), None for one piece,
+    "auto" to tile the engine's VAE where its widest activation at ``size`` exceeds 256 MiB and it has a slab
+    form (no attention blocks). An explicit slab that cannot be used is refused here, before any work."""
     from ..models import AutoencoderKL
 
     vae = copy.deepcopy(vae).to(device, torch.bfloat16) if device.type == "cuda" else vae.to(device)
@@ -97,13 +106,17 @@ def volume_encoder(vae: torch.nn.Module, device: torch.device, size: Sequence[in
     weights = next(vae.parameters())
     engine_vae = isinstance(vae, AutoencoderKL)
     if slab == "auto":
-        slab = auto_slab(size, vae.config.num_channels[0], weights.dtype.itemsize) if engine_vae and size else None
+        tileable = engine_vae and size and SlabEncoder.refusal(vae) is None
+        slab = auto_slab(size, vae.config.num_channels[0], weights.dtype.itemsize) if tileable else None
     if slab is None:
         return lambda x: vae.encode(x.to(device, weights.dtype))
     if not engine_vae:
         raise ValueError(f"tiled encoding needs the engine's AutoencoderKL, not {type(vae).__name__}: "
                          f"use --encode-slab 0")
-    return lambda x: tiled_encode(vae, x, slab, storage, host_memory)
+    try:
+        return SlabEncoder(vae, slab, storage, host_memory)
+    except ValueError as err:
+        raise ValueError(f"{err} (--encode-slab 0)") from None
 
 
 @torch.no_grad()
@@ -115,7 +128,8 @@ def build_latent_cache(dataset: CTRATEDataset, vae: torch.nn.Module, out_dir: st
 
     A cache built from another split or data folder, with other preprocessing or another VAE (name or
     weights) is refused (``DataError``) rather than mixed. ``slab``, ``storage`` and ``host_memory`` steer
-    the exact tiled encoder (:func:`volume_encoder`); they change memory and time, not the latents.
+    the exact tiled encoder (:func:`volume_encoder`); they change memory and time, the latents only by float
+    rounding (so a cache may be resumed with other values).
     Bad volumes are skipped and listed under ``skipped`` (or raise with ``dataset.strict``).
     """
     from tqdm import tqdm
@@ -274,8 +288,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="rows per slab of the exact tiled VAE encoder (same latents, a fraction of the memory), "
                         "0 for no tiling, auto (default: tile where the widest activation exceeds 256 MiB)")
     p.add_argument("--encode-host-memory", choices=("low", "fast"), default="low",
-                   help="tiled encoder: low (default) recomputes the first conv to keep half as much; fast "
-                        "stores every activation and runs each conv once")
+                   help="tiled encoder: low (default) recomputes the full-resolution level's first two convs to "
+                        "keep ~half as much (~1.2x the conv work); fast stores every activation, each conv once")
     p.add_argument("--encode-storage", choices=("auto", "host", "device"), default="auto",
                    help="tiled encoder on a GPU: keep its activations on the GPU when they fit its free memory "
                         "(auto, default), always in host RAM (host: least GPU memory), or on the GPU (device)")
@@ -289,13 +303,15 @@ def main(argv: list[str] | None = None) -> int:
         ds = CTRATEDataset(a.data, a.split, a.spacing, a.size, a.mode, strict=a.strict)
         if not len(ds):
             raise DataError(f"no usable volume in {a.data}")
-        vae = load_vae(a.vae, a.device)
+        from ..pipeline import available_device
+        device = available_device(a.device)
+        vae = load_vae(a.vae)  # on the CPU: the encoder takes a copy to --device (in bf16 on a GPU)
         f = vae.config.downsample_factor
         if any(s % f for s in a.size):
             raise DataError(f"--size {' '.join(map(str, a.size))} must be multiples of the VAE's downsampling "
                             f"factor {f} (or volumes lose their last rows): e.g. --size "
                             f"{' '.join(str(max(f, s // f * f)) for s in a.size)}")
-        idx = build_latent_cache(ds, vae, a.out, a.shard_size, a.batch_size, a.device, getattr(torch, a.dtype),
+        idx = build_latent_cache(ds, vae, a.out, a.shard_size, a.batch_size, device, getattr(torch, a.dtype),
                                  a.workers, vae_name=os.path.abspath(a.vae), slab=a.encode_slab,
                                  storage=a.encode_storage, host_memory=a.encode_host_memory)
     except (DataError, BadDataError, ValueError, OSError) as e:

@@ -95,15 +95,9 @@ def plan(opts: EvalOptions, gen: VolumeSet, real: VolumeSet) -> tuple[list[str],
 
 
 def _device(name: str) -> torch.device:
-    from ..pipeline import resolve_device
+    from ..pipeline import available_device
 
-    try:
-        device = resolve_device(name)
-    except RuntimeError:
-        raise ValueError(f"--device {name} is not a device name (auto, cpu, cuda, cuda:N)") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda asked for, but no CUDA GPU is available here: use --device cpu")
-    return device
+    return available_device(name)
 
 
 def _measure_sets(sets: Sequence[VolumeSet], needs: Needs, features, workers: int,

@@ -156,6 +156,10 @@ class PretrainedMixin:
         with build_on_meta():
             model = cls(config)
         strict_load(model, state, path)
+        unset = [n for n, t in (*model.named_parameters(), *model.named_buffers()) if t.is_meta]
+        if unset:  # a tensor no checkpoint holds (a non-persistent buffer) would stay without values
+            raise ValueError(f"{cls.__name__} keeps {_first(unset)} out of its checkpoint, so loading from "
+                             f"{path} leaves them without values")
         if dtype is not None:
             model = model.to(dtype)
         return model.eval()

@@ -101,7 +101,7 @@ def _attention_fwd_fake(q, k, v, key_padding_mask):
     return q.new_empty((B, H, Nq, D)), q.new_empty((B, H, Nq), dtype=torch.float32)
 
 
-@custom_op("text2ct::attention_bwd")
+@custom_op("text2ct::attention_bwd", differentiable=False)
 def _attention_bwd(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                    out: torch.Tensor, lse: torch.Tensor, key_padding_mask: Optional[torch.Tensor]
                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

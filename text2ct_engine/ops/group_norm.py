@@ -119,7 +119,7 @@ def _gn_triton_fake(x, num_groups, weight, bias, add, eps, act):
     return (_empty_output(x), *_stats(x, num_groups))
 
 
-@custom_op("text2ct::group_norm_triton_bwd")
+@custom_op("text2ct::group_norm_triton_bwd", differentiable=False)
 def _gn_triton_bwd(dy: torch.Tensor, x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
                    add: Optional[torch.Tensor], mean: torch.Tensor, rstd: torch.Tensor, num_groups: int,
                    act: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -222,7 +222,7 @@ def group_norm_backward_torch(dy: torch.Tensor, x: torch.Tensor, weight: torch.T
     return dx, dd.reshape(N, C).sum(0), ds.reshape(N, C).sum(0), dadd
 
 
-@custom_op("text2ct::group_norm_cpp_bwd", device_types="cpu")
+@custom_op("text2ct::group_norm_cpp_bwd", device_types="cpu", differentiable=False)
 def _gn_cpp_bwd(dy: torch.Tensor, x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
                 add: Optional[torch.Tensor], mean: torch.Tensor, rstd: torch.Tensor, num_groups: int,
                 act: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:

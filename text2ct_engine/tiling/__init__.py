@@ -40,11 +40,12 @@ output, whose full-resolution level has C = 64 channels and is fed by 2C = 128 u
   so the lower-resolution levels, whose tensors are smaller, still run every conv once.
 
 Encoding the same volume, the full-resolution level is fed by the 1-channel image (held throughout: it is
-the caller's): ``"low"`` streams that level (the first conv is recomputed from the image in each sweep that
-reads it) and holds the image, one C-channel tensor and at the level's end its downsampled result, 4.6 GiB
-in bf16, against the image and two C-channel tensors (8.1 GiB) in ``"fast"``. The latent cache's encode of
-512x512x128 then peaks at 1.2 GiB on the GPU instead of 16.1 (``python -m text2ct_engine.memory --what
-cache``, fake tensors).
+the caller's): ``"low"`` streams that level, recomputing the first conv from the image in each sweep that
+reads it (cheap: one input channel) and the second ResBlock's inner activation (identity shortcut: its
+C-channel first conv runs twice, the 17 % of extra conv work), and holds the image, one C-channel tensor
+and at the level's end its downsampled result, 4.6 GiB in bf16, against the image and two C-channel
+tensors (8.1 GiB) in ``"fast"``. The latent cache's encode of 512x512x128 then peaks at 1.2 GiB on the GPU
+with host storage instead of 16.1 (``python -m text2ct_engine.memory --what cache``, fake tensors).
 
 Where the stored activations live (``storage``): the host by default when computing on a GPU, since that is
 what lets an 8 GB card decode 512x512x128. But every slab then crosses PCIe: 54 GiB per decode in ``low``

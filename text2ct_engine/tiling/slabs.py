@@ -85,8 +85,8 @@ class SlabWalk:
     untiled = "run this VAE without tiling"
     supported: tuple[type, ...] = (MaisiConv, ResBlock, GroupNorm)
 
-    def __init__(self, vae: AutoencoderKL, blocks: Sequence[nn.Module], slab: int = 32,
-                 storage: torch.device | str | None = None, host_memory: str = "low") -> None:
+    def __init__(self, vae: AutoencoderKL, slab: int = 32, storage: torch.device | str | None = None,
+                 host_memory: str = "low") -> None:
         if slab < 1:
             raise ValueError(f"slab must be at least 1 row, got {slab}")
         if host_memory not in HOST_MEMORY:
@@ -105,15 +105,28 @@ class SlabWalk:
             storage = self.compute
         self.auto_storage = storage == "auto"
         self.storage = self.host if self.auto_storage else torch.device(storage)
-        for block in blocks:
-            if not isinstance(block, self.supported):
-                raise ValueError(f"{self.what} has no exact form for {type(block).__name__} blocks: {self.untiled}")
-        self.levels = resolution_levels(blocks)
+        refusal = self.refusal(vae)
+        if refusal:
+            raise ValueError(refusal)
+        self.levels = resolution_levels(self.blocks_of(vae))
         self.dtype = torch.float32
         self.dry = False
         self.ledger = Ledger()
         self.peak_stored_bytes = 0
         self.streamed: list[bool] = []
+
+    @classmethod
+    def blocks_of(cls, vae: AutoencoderKL) -> Sequence[nn.Module]:
+        """The chain of blocks this pass walks."""
+        raise NotImplementedError
+
+    @classmethod
+    def refusal(cls, vae: AutoencoderKL) -> str | None:
+        """Why this VAE has no exact slab form here (a block type), or None when it has one."""
+        for block in cls.blocks_of(vae):
+            if not isinstance(block, cls.supported):
+                return f"{cls.what} has no exact form for {type(block).__name__} blocks: {cls.untiled}"
+        return None
 
     # ---------------------------------------------------------------- storing and statistics
     def slabs(self, length: int) -> list[tuple[int, int]]:
@@ -254,11 +267,15 @@ class SlabDecoder(SlabWalk):
     what, untiled = "tiled decoding", "decode this VAE without tiling"
     supported = (*SlabWalk.supported, Upsample)
 
-    def __init__(self, vae: AutoencoderKL, slab: int = 32, storage: torch.device | str | None = None,
-                 host_memory: str = "low") -> None:
-        super().__init__(vae, vae.decoder.blocks, slab, storage, host_memory)
+    @classmethod
+    def blocks_of(cls, vae: AutoencoderKL) -> Sequence[nn.Module]:
+        return vae.decoder.blocks
+
+    @classmethod
+    def refusal(cls, vae: AutoencoderKL) -> str | None:
         if any(isinstance(b, Upsample) and b.transposed for b in vae.decoder.blocks):
-            raise ValueError("tiled decoding does not support use_convtranspose VAEs: decode without tiling")
+            return "tiled decoding does not support use_convtranspose VAEs: decode without tiling"
+        return super().refusal(vae)
 
     @torch.no_grad()
     def __call__(self, z: torch.Tensor) -> torch.Tensor:
@@ -273,9 +290,9 @@ class SlabEncoder(SlabWalk):
     supported = (*SlabWalk.supported, Downsample)
     input_lives = True
 
-    def __init__(self, vae: AutoencoderKL, slab: int = 32, storage: torch.device | str | None = None,
-                 host_memory: str = "low") -> None:
-        super().__init__(vae, vae.encoder.blocks, slab, storage, host_memory)
+    @classmethod
+    def blocks_of(cls, vae: AutoencoderKL) -> Sequence[nn.Module]:
+        return vae.encoder.blocks
 
     @torch.no_grad()
     def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
