@@ -74,7 +74,7 @@ SOURCE_SKIP = ("ops", "cli.py")  # frames that say nothing about where in a mode
 
 
 def engine_source() -> str:
-    """'tiling.py:98 normalize': the innermost frame in this package outside ops/ and this planner."""
+    """'tiling/nodes.py:80 normalize': the innermost frame in this package outside ops/ and this planner."""
     frame = sys._getframe(1)
     while frame is not None:
         path = frame.f_code.co_filename
@@ -563,7 +563,7 @@ def table(rows: Sequence[PhasePlan]) -> str:
 
 
 def where(r: PhasePlan) -> str:
-    """'peak in backward of up_blocks.1.resnets.0 (convolution)' / '... at tiling.py:98 normalize'."""
+    """'peak in backward of up_blocks.1.resnets.0 (convolution)' / '... at tiling/nodes.py:80 normalize'."""
     module = "" if r.peak_module == "Global" else f" of {r.peak_module}"
     at = f" at {r.peak_source}" if r.peak_source and (not module or r.peak_source.startswith("tiling")) else ""
     return f"peak in {'backward' if r.peak_in_backward else 'forward'}{module} ({r.peak_op}){at}"
