@@ -15,6 +15,7 @@ setup(
         "text2ct_engine.ops",
         "text2ct_engine.models",
         "text2ct_engine.tiling",
+        "text2ct_engine.memory",
         "text2ct_engine.data",
         "text2ct_engine.train",
         "text2ct_engine.evaluate",

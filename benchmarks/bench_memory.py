@@ -16,36 +16,23 @@ import argparse
 import os
 import sys
 import time
-from functools import partial
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import JsonRecord, device_name, peak_memory_mb, print_table  # noqa: E402
 
-from text2ct_engine.memory import (DTYPES, GIB, Setup, decode_step, run_phase, sampling_step,  # noqa: E402
-                                   track, training_step)
+from text2ct_engine.memory import DTYPES, GIB, Phase, Setup, phases, run_phase, track  # noqa: E402
 
 
-def phases(slab: int) -> list[tuple[str, object]]:
-    """(key, workload) of every phase the planner plans, in its order."""
-    return [("sample", sampling_step),
-            ("decode_tiled", partial(decode_step, slab=slab, host_memory="low")),
-            ("decode_tiled_fast", partial(decode_step, slab=slab, host_memory="fast")),
-            ("decode_tiled_device", partial(decode_step, slab=slab, on_device=True)),
-            ("decode_untiled", decode_step),
-            ("train", partial(training_step, checkpointing=False)),
-            ("train_ckpt", partial(training_step, checkpointing=True))]
-
-
-def measure(key: str, workload, setup: Setup, device: torch.device) -> dict:
+def measure(phase: Phase, setup: Setup, device: torch.device) -> dict:
     """Run one phase for real; the allocator's peak on CUDA, the tracker's on both."""
-    unet, vae = setup.networks()
+    networks = getattr(setup, phase.networks.__name__)() if phase.networks else setup.networks()
     start = time.perf_counter()
     holder = {}
 
     def run():
-        holder["tracker"] = track(workload, setup, unet, vae, fake=False, backend="auto")
+        holder["tracker"] = track(phase.workload, setup, *networks, fake=False, backend="auto")
     allocator = peak_memory_mb(run, device) if device.type == "cuda" else run()
     tracker = holder["tracker"]
     dev = str(device) if device.type == "cpu" else setup.device
@@ -62,8 +49,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="default 512 512 128 on CUDA, 64 64 32 on CPU")
     p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default bf16 on CUDA, fp32 on CPU")
     p.add_argument("--slab", type=int, default=32)
-    p.add_argument("--only", default=None, help="comma list of phases (sample, decode_tiled, decode_tiled_fast, decode_tiled_device, "
-                                                 "decode_untiled, train, train_ckpt)")
+    p.add_argument("--only", default=None, help="comma list of phase keys (python -m text2ct_engine.memory --json "
+                                                 "lists them: sample, decode_tiled, ..., train_ckpt, train_vae, "
+                                                 "train_clip_ckpt)")
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
     device = torch.device(args.device)
@@ -81,14 +69,15 @@ def main(argv: list[str] | None = None) -> int:
                                     f"memory-{device.type}.json")
     record = JsonRecord(out, "memory", device, volume=list(volume), dtype=str(dtype), slab=args.slab)
     rows = record.rows
-    for key, workload in phases(args.slab):
+    for phase in phases(planned_setup):
+        key = phase.key
         if wanted is not None and key not in wanted:
             continue
-        plan = run_phase(key, key, workload, planned_setup)
+        plan = run_phase(key, key, phase.workload, planned_setup, networks=phase.networks)
         row = {"phase": key, "planned_gib": plan.device_gib,
                "planned_host_gib": plan.host_gib if gpu else None}
         try:
-            row.update(measure(key, workload, real_setup, device))
+            row.update(measure(phase, real_setup, device))
             row["measured/planned"] = row["measured_gib"] / max(plan.device_gib, 1e-9)
         except torch.cuda.OutOfMemoryError as err:  # say so and go on with the next phase
             row["error"] = f"out of memory: {str(err).splitlines()[0][:80]}"

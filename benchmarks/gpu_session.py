@@ -77,7 +77,8 @@ STAGES = (
           (*_TESTS, "-m", "kernel"), (*_TESTS, "-k", "invalid or bad"), cap_s=180,
           env=(("TEXT2CT_TEST_DEVICE", "cuda"),), pytest=True),
     Stage("memory", "measured peak memory of sampling, decoding and training next to the plan",
-          _bench("bench_memory.py", "--json", "{json}"),
+          _bench("bench_memory.py", "--only", "sample,decode_tiled,decode_tiled_fast,decode_tiled_device,"
+                 "decode_untiled,train,train_ckpt,train_vae_ckpt,train_clip_ckpt", "--json", "{json}"),
           _bench("bench_memory.py", "--volume", "32", "32", "32", "--only", "sample", "--json", "{json}"),
           cap_s=180),
     Stage("unet-step", "the Text2CT UNet's sampling and training step: engine ops vs torch ops, NCDHW vs NDHWC",

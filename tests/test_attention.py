@@ -328,6 +328,20 @@ def test_backend_choice(monkeypatch):
         ops.attention(q, q, q)
 
 
+def test_more_batch_heads_than_a_cuda_grid_axis_falls_back(monkeypatch):
+    """The kernels give each (batch, head) one program on the grid's y axis, which CUDA caps at 65535."""
+    monkeypatch.setattr(attn_mod, "_noticed", set())
+    with FakeTensorMode():
+        fits = torch.empty(8191, 8, 64, 32, device="cuda", dtype=torch.bfloat16)
+        assert choose_attention_backend(fits)[0] == "triton"
+        q = torch.empty(8192, 8, 64, 32, device="cuda", dtype=torch.bfloat16)
+        name, reason = choose_attention_backend(q)
+        assert name == "torch" and "65536" in reason and "65535" in reason
+    with ops.backend("triton"), pytest.raises(ValueError, match="65535"):
+        big = torch.randn(65536, 1, 1, 16)
+        ops.attention(big, big, big)
+
+
 def test_forced_triton_without_interpreter_raises(monkeypatch):
     monkeypatch.setattr(attn_mod, "triton_usable", lambda device_type: (False, "needs TRITON_INTERPRET=1"))
     q = torch.randn(1, 1, 4, 32)

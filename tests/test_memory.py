@@ -5,8 +5,9 @@ from functools import partial
 import pytest
 import torch
 
-from text2ct_engine.memory import (MemoryTracker, Setup, decode_step, encode_step, main, run_phase, sampling_step,
-                                   track, training_step, vae_pass_phases)
+from text2ct_engine.memory import (GIB, MemoryTracker, Setup, clip_training_step, decode_step, encode_step, main,
+                                   phases, plan, run_phase, sampling_step, track, training_step, vae_training_step,
+                                   weight_bytes)
 
 # Tiny networks of the Text2CT layout; head size 16 so the Triton attention op (16/32/64/128) serves them.
 UNET = dict(num_channels=[16, 32], attention_levels=[False, True], num_head_channels=[0, 16], num_res_blocks=1,
@@ -15,18 +16,28 @@ VAE = dict(num_channels=[8, 8, 16], num_res_blocks=[1, 1, 1], attention_levels=[
            latent_channels=4)
 
 
+# a 1-layer text tower (also the sampling and UNet training phases' one) and a 1-layer volume tower
+CLIP = dict(text_config=dict(vocab_size=64, hidden_size=16, num_hidden_layers=1, num_attention_heads=1,
+                             intermediate_size=32),
+            vision_config=dict(patch_size=(4, 8, 8), hidden_size=16, num_hidden_layers=1, num_attention_heads=1,
+                               intermediate_size=32), projection_dim=16)
+
+
 def tiny(**kwargs) -> Setup:
-    return Setup(UNET, VAE, **{"volume": (32, 32, 16), "slab": 4, **kwargs})
+    return Setup(UNET, VAE, **{"volume": (32, 32, 16), "slab": 4, "clip_config": CLIP, "context_length": 9,
+                               "patch": (32, 32, 32), "clip_volume": (16, 16, 8), "clip_batch": 3, **kwargs})
 
 
-WORKLOADS = {  # train_ckpt runs every op of train, and the recomputation on top
-    "sample": sampling_step,
-    "decode": decode_step,
-    "decode_tiled": partial(decode_step, slab=4),
-    "decode_tiled_fast": partial(decode_step, slab=4, host_memory="fast"),
-    "encode": encode_step,
-    "encode_tiled": partial(encode_step, slab=4),
-    "train_ckpt": partial(training_step, checkpointing=True),
+WORKLOADS = {  # the _ckpt steps run every op of the plain ones, and the recomputation on top
+    "sample": (sampling_step, "networks"),
+    "decode": (decode_step, "networks"),
+    "decode_tiled": (partial(decode_step, slab=4), "networks"),
+    "decode_tiled_fast": (partial(decode_step, slab=4, host_memory="fast"), "networks"),
+    "encode": (encode_step, "networks"),
+    "encode_tiled": (partial(encode_step, slab=4), "networks"),
+    "train_ckpt": (partial(training_step, checkpointing=True), "networks"),
+    "train_vae_ckpt": (partial(vae_training_step, checkpointing=True), "vae_training_networks"),
+    "train_clip_ckpt": (partial(clip_training_step, checkpointing=True), "clip_networks"),
 }
 
 
@@ -34,8 +45,9 @@ WORKLOADS = {  # train_ckpt runs every op of train, and the recomputation on top
 def test_fake_plan_equals_real_cpu_run(name):
     """Same tracker, same workload: fake tensors give exactly the bytes real CPU tensors take."""
     s = tiny(dtype=torch.float32, device="cpu", host="cpu", ema=True)
-    fake = track(WORKLOADS[name], s, *s.networks(), fake=True, backend="torch")
-    real = track(WORKLOADS[name], s, *s.networks(), fake=False, backend="torch")
+    workload, networks = WORKLOADS[name]
+    fake = track(workload, s, *getattr(s, networks)(), fake=True, backend="torch")
+    real = track(workload, s, *getattr(s, networks)(), fake=False, backend="torch")
     assert fake.peak["cpu"] > 0
     assert fake.peak == real.peak
     f, r = fake.peak_at["cpu"], real.peak_at["cpu"]
@@ -46,13 +58,12 @@ def test_fake_plan_equals_real_cpu_run(name):
 @pytest.fixture(scope="module")
 def planned():
     """Planner phases (fake meta device, Triton custom ops) on shapes where activations dominate."""
-    train, decode = tiny(volume=(128, 128, 64)), tiny(volume=(64, 64, 32), slab=4)
-    return {
-        "train": run_phase("train", "train", training_step, train),
-        "train_ckpt": run_phase("train_ckpt", "ckpt", partial(training_step, checkpointing=True), train),
-        **{r.key: r for r in vae_pass_phases("decode", "decode", decode_step, decode, "", "triton")},
-        **{r.key: r for r in vae_pass_phases("encode", "encode", encode_step, decode, "", "triton")},
-    }
+    deep = {**CLIP, **{k: {**CLIP[k], "num_hidden_layers": 4} for k in ("text_config", "vision_config")}}
+    train = tiny(volume=(128, 128, 64), patch=(64, 64, 32), clip_volume=(64, 64, 32), clip_batch=4, clip_config=deep)
+    decode = tiny(volume=(64, 64, 32), slab=4)
+    rows = plan(train, "train") + plan(train, "train-vae") + plan(train, "train-clip") + plan(decode, "sample") + \
+        plan(decode, "cache")
+    return {r.key: r for r in rows}
 
 
 def test_plan_runs_the_triton_custom_ops_fake_impls(planned):
@@ -62,9 +73,38 @@ def test_plan_runs_the_triton_custom_ops_fake_impls(planned):
         assert phase.device_bytes > 0
 
 
-def test_gradient_checkpointing_lowers_the_training_peak(planned):
-    assert planned["train_ckpt"].device_bytes < 0.8 * planned["train"].device_bytes
-    assert planned["train"].host_bytes == planned["train_ckpt"].host_bytes == 0
+@pytest.mark.parametrize("key", ["train", "train_vae", "train_clip"])
+def test_gradient_checkpointing_lowers_the_training_peak(planned, key):
+    assert planned[f"{key}_ckpt"].device_bytes < 0.8 * planned[key].device_bytes
+
+
+def test_training_holds_nothing_on_the_host_but_clip_volumes(planned):
+    for key in ("train", "train_ckpt", "train_vae", "train_vae_ckpt"):
+        assert planned[key].host_bytes == 0
+    volumes = 4 * 64 * 64 * 32 * 4  # clip_batch fp32 volumes, read on the host and laid out (z, y, x) there
+    assert planned["train_clip"].host_bytes == planned["train_clip_ckpt"].host_bytes == 2 * volumes
+
+
+def test_unet_training_plan_holds_the_frozen_text_tower():
+    """train ldm encodes each batch's reports with the fp32 text tower on the device: its weights count."""
+    s = tiny(volume=(64, 64, 32))
+    unet, vae, text = s.networks()
+    with_text = run_phase("train", "train", training_step, s)
+    without = run_phase("train", "train", training_step, s, networks=lambda: s.networks()[:2])
+    assert with_text.device_bytes - without.device_bytes >= weight_bytes(text, torch.float32)
+    assert "frozen fp32 text tower" in next(p.notes for p in phases(s, "train"))
+
+
+def _clip_peak(**kwargs) -> int:
+    s = tiny(**kwargs)
+    return run_phase("train_clip", "train clip", clip_training_step, s, networks=s.clip_networks).device_bytes
+
+
+def test_clip_training_grows_with_the_batch_and_the_volume():
+    """Both towers' activations grow with the contrastive batch, the volume tower's with its token count."""
+    base = _clip_peak(clip_volume=(32, 32, 16), clip_batch=2)
+    assert _clip_peak(clip_volume=(32, 32, 16), clip_batch=4) > base
+    assert _clip_peak(clip_volume=(64, 64, 16), clip_batch=2) > base
 
 
 def test_tiled_decode_lowers_the_device_peak(planned):
@@ -164,6 +204,12 @@ def test_cli_prints_the_table_and_writes_json(tmp_path, capsys):
     ["--json", "/"],
     ["--unet-config", "/no/such/unet.json"],
     ["--frobnicate"],
+    ["--what", "train-clip", "--clip-batch", "1"],
+    ["--what", "train-vae", "--patch", "62", "64", "64"],
+    ["--what", "train-vae", "--patch", "4", "4", "4"],
+    ["--what", "train-clip", "--clip-volume", "100", "256", "128"],
+    ["--context-length", "1"],
+    ["--clip-config", "/no/such/clip.json"],
 ])
 def test_bad_arguments_give_one_error_line(argv, capsys):
     assert main(argv) == 2

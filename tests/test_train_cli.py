@@ -156,3 +156,17 @@ def test_ema_decay_zero_still_means_off(made, tmp_path):
     check_optimizer_settings(LDMTrainConfig(ema_decay=0.0))  # the trainers read 0 as "no EMA"
     with pytest.raises(ValueError, match="between 0 and 1"):
         check_optimizer_settings(LDMTrainConfig(ema_decay=-0.5))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without a GPU")
+@pytest.mark.parametrize("trainer", ["ldm", "vae", "clip"])
+def test_cuda_device_without_a_gpu_is_one_line(made, tmp_path, capsys, trainer):
+    run = tmp_path / "run"
+    argv = {"ldm": ldm_args(made, run, "--steps", "1"),
+            "vae": ["vae", "--data", str(made / "data"), "--out", str(run), "--size", *SIZE, "--spacing", *SPACING,
+                    "--patch-size", "16", "16", "16", "--steps", "1"],
+            "clip": ["clip", "--data", str(made / "data"), "--out", str(run), "--size", *SIZE, "--steps", "1",
+                     "--batch-size", "2"]}[trainer]
+    line = error_line(capsys, argv + ["--device", "cuda"])
+    assert "--device cuda" in line and "no CUDA GPU is available here" in line, line
+    assert not run.exists()

@@ -14,7 +14,8 @@ Backends (see ``choose_attention_backend``):
 Choice, first match wins: ``with ops.backend(name)`` > ``TEXT2CT_ATTENTION`` (auto|triton|torch=sdpa|xformers,
 attention only) > ``TEXT2CT_BACKEND`` > auto. ``cpp`` means torch here. ``auto`` on CUDA tensors: Triton
 when it can serve the call, else xformers when installed and no mask is given, else torch; an unsupported
-head size or dtype falls back with a one-time notice. On CPU tensors auto is torch. A forced backend that
+head size or dtype, or more than 65535 (batch, head) pairs (one program each on the grid's y axis), falls
+back with a one-time notice. On CPU tensors auto is torch. A forced backend that
 cannot serve the call makes ``attention`` raise ``ValueError`` (forced ``xformers`` with a mask falls back to
 torch with a notice); ``choose_attention_backend`` only reports it.
 """
@@ -35,6 +36,7 @@ TRITON_HEAD_DIMS = (16, 32, 64, 128)
 TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 ATTENTION_CHOICES = ("auto", "triton", "torch", "xformers")
 _noticed: set[str] = set()
+MAX_GRID_Y = 65535  # CUDA's limit on a launch grid's y and z axes
 
 
 def validate_attention(q, k, v, key_padding_mask) -> None:
@@ -174,6 +176,9 @@ def _triton_blocker(q: torch.Tensor) -> str | None:
         return f"head size {q.shape[-1]} is not one of the Triton kernel's {TRITON_HEAD_DIMS}"
     if q.dtype not in TRITON_DTYPES:
         return f"dtype {q.dtype} is not one of the Triton kernel's fp16/bf16/fp32"
+    if q.dim() == 4 and q.shape[0] * q.shape[1] > MAX_GRID_Y:
+        return (f"batch x heads = {q.shape[0] * q.shape[1]} exceeds the {MAX_GRID_Y} programs of a CUDA grid's "
+                f"second axis, which the Triton kernels give one (batch, head) each")
     return None
 
 

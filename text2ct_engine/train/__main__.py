@@ -28,7 +28,7 @@ import torch
 from torch.utils.data import Dataset
 
 from ..cli import Parser, run_guarded, path as cli_path
-from ..pipeline import Text2CTPipeline, resolve_device
+from ..pipeline import Text2CTPipeline, available_device
 from .clip import add_parser as add_clip_parser
 from .common import add_config_flags, add_run_flags, checkpoint_state
 from .ldm import LDMTrainConfig, sample_scale_factor, train_ldm
@@ -109,11 +109,12 @@ def run(args: argparse.Namespace) -> None:
     cfg = LDMTrainConfig(**{k: getattr(args, k) for k in vars(LDMTrainConfig())})
     cfg.ema_decay = cfg.ema_decay or None
     cfg.validate()
-    device = resolve_device(args.device)
+    device = available_device(args.device)
     data = CachedLatents(args.data)
     pipe = Text2CTPipeline.from_pretrained(args.model, device=device)
     if pipe.text_encoder is None:
         raise ValueError(f"{args.model} has no text encoder (clip/ + tokenizer.json) to condition on")
+    pipe.vae.to("cpu")  # training on cached latents never runs the VAE: its weights stay off the GPU
     data.check_fits(pipe, args.model, args.allow_other_vae)
     if args.from_scratch:  # a fresh UNet drawn from --seed, so the run can be repeated
         with torch.random.fork_rng(devices=[]):

@@ -40,8 +40,8 @@ from ..models import CLIP3D, CLIP3DConfig, CLIPTextConfig, CLIPTextModelWithProj
 from ..models.clip3d import LOGIT_SCALE_MAX
 from ..text import CLIP_DIR, TOKENIZER_FILE, check_text_side, save_text_side
 from ..tokenizer import CLIPTokenizer
-from .common import (EMA, LossLog, TruncationNote, add_config_flags, add_run_flags, apply_gradients,
-                     autocast_enabled, check_intervals, check_optimizer_settings, checkpoint_state, for_device,
+from .common import (EMA, LossLog, TruncationNote, add_config_flags, add_run_flags, apply_gradients, autocast_enabled,
+                     bf16_autocast, check_intervals, check_optimizer_settings, checkpoint_state, for_device,
                      held_out_split, load_training_state, open_run, resumable_batches, save_training_state,
                      typed_settings, warmup_schedule)
 
@@ -154,7 +154,7 @@ def clip_loss(model: CLIP3D, tokenizer: CLIPTokenizer, batch: dict, device: torc
     the text and the volume embeddings when a read-out is given."""
     tokens = _tokens(tokenizer, list(batch["text"]), device, note)
     volume = volume_layout(batch["volume"]).to(device)
-    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+    with bf16_autocast(device, autocast):
         out = model(tokens.input_ids, volume, tokens.attention_mask)
     if readout is None:
         return out.loss, {}
@@ -181,7 +181,7 @@ def evaluate_retrieval(model: CLIP3D, tokenizer: CLIPTokenizer, pairs: Dataset, 
         if batch["volume"] is None:
             continue
         tokens = _tokens(tokenizer, list(batch["text"]), device, note)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+        with bf16_autocast(device, autocast):
             texts.append(model.encode_text(tokens.input_ids, tokens.attention_mask).float())
             volumes.append(model.encode_volume(volume_layout(batch["volume"]).to(device)).float())
         labels.append(batch.get("labels"))
@@ -320,7 +320,7 @@ def check_size(size: tuple[int, int, int], patch: tuple[int, int, int]) -> None:
                          f"{tuple(patch)[::-1]} (x, y, z)")
 
 
-def _new_clip(text: CLIPTextConfig, size: tuple[int, int, int], vision: dict[str, Any] | None, seed: int,
+def new_clip(text: CLIPTextConfig, size: tuple[int, int, int], vision: dict[str, Any] | None, seed: int,
               **settings: Any) -> CLIP3D:
     """A CLIP3D with freshly initialised weights (seeded) for volumes of ``size`` (x, y, z)."""
     vision = {"image_size": tuple(size)[::-1], **(vision or {})}
@@ -352,7 +352,7 @@ def fresh_clip(tokenizer: CLIPTokenizer, size: tuple[int, int, int], settings: d
         text_config = CLIPTextConfig(**text)
     except TypeError as err:
         raise ValueError(f"invalid CLIP3D text_config ({err})") from None
-    return _new_clip(text_config, size, settings.pop("vision_config", None), seed, **settings)
+    return new_clip(text_config, size, settings.pop("vision_config", None), seed, **settings)
 
 
 def clip_dir_of(path: str) -> str:
@@ -377,7 +377,7 @@ def clip_from(path: str, size: tuple[int, int, int], settings: dict[str, Any] | 
     text = CLIPTextModelWithProjection.from_pretrained(directory)
     if text.text_projection is None:
         raise ValueError(f"{directory}: the text tower has no projection to share an embedding space with")
-    model = _new_clip(text.config, size, (settings or {}).get("vision_config"), seed,
+    model = new_clip(text.config, size, (settings or {}).get("vision_config"), seed,
                       projection_dim=text.config.projection_dim)
     model.text_model.load_state_dict(text.text_model.state_dict())
     model.text_projection.load_state_dict(text.text_projection.state_dict())
@@ -449,12 +449,13 @@ def read_settings(path: str | None) -> tuple[dict[str, Any], dict[str, Any]]:
 
 def run(args: argparse.Namespace) -> None:
     from ..data.ctrate import collate
-    from ..pipeline import resolve_device
+    from ..pipeline import available_device
 
     train_settings, model_settings = read_settings(args.config)
     given = {f.name: getattr(args, f.name) for f in dataclasses.fields(CLIPTrainConfig) if hasattr(args, f.name)}
     cfg = CLIPTrainConfig(**{**train_settings, **given})
     cfg.validate()
+    device = available_device(args.device)
     train, held = held_out_split(args.data, cfg.size, cfg.spacing, cfg.resize, cfg.eval_size)
     if cfg.label_weight > 0:
         check_labelled(train, args.data)
@@ -470,7 +471,7 @@ def run(args: argparse.Namespace) -> None:
         model = fresh_clip(tokenizer, cfg.size, model_settings, cfg.seed)
     tokenizer.context_length = model.config.text_config.max_position_embeddings
     check_size(cfg.size, model.config.vision_config.patch_size)
-    model = model.to(resolve_device(args.device))
+    model = model.to(device)
     print(f"{len(train)} training pairs, {len(held) if held is not None else 0} held out; CLIP3D "
           f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters")
     train_clip(model, tokenizer, train, cfg, args.out, held, resume=args.resume, collate_fn=collate)

@@ -239,6 +239,12 @@ def autocast_enabled(mixed_precision: str, device: torch.device) -> bool:
     return mixed_precision == "bf16" or (mixed_precision == "auto" and device.type == "cuda")
 
 
+def bf16_autocast(device: torch.device, enabled: bool) -> contextlib.AbstractContextManager:
+    """``torch.autocast`` to bf16 on ``device``'s type when ``enabled``; otherwise nothing at all (so a
+    disabled autocast also works on devices autocast does not know, such as the memory planner's ``meta``)."""
+    return torch.autocast(device.type, dtype=torch.bfloat16) if enabled else contextlib.nullcontext()
+
+
 def for_device(cfg: Any, device: torch.device) -> tuple[Any, bool]:
     """``cfg`` with its device-dependent ``mixed_precision="auto"`` made explicit ("bf16" or "no"), and
     whether to autocast: the checkpoint records what ran, so a resume on another kind of device that would

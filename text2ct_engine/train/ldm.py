@@ -22,9 +22,9 @@ from torch.utils.data import Dataset
 from ..pipeline import Text2CTPipeline
 from ..schedulers import RFlowScheduler
 from ..io_utils import atomic_dir
-from .common import (EMA, LossLog, TruncationNote, apply_gradients, check_intervals, check_optimizer_settings,
-                     for_device, load_training_state, open_run, resumable_batches, save_training_state,
-                     warmup_schedule)
+from .common import (EMA, LossLog, TruncationNote, apply_gradients, bf16_autocast, check_intervals,
+                     check_optimizer_settings, for_device, load_training_state, open_run, resumable_batches,
+                     save_training_state, warmup_schedule)
 
 FREE_ON_RESUME = ("steps", "log_every", "save_every", "num_workers", "gradient_checkpointing")  # no effect on the math
 SCALE_SAMPLE = 64  # cached latents that --scale-factor auto measures
@@ -103,7 +103,7 @@ def ldm_loss(pipe: Text2CTPipeline, x0: torch.Tensor, context: torch.Tensor, spa
         extra["class_labels"] = torch.full((b,), pipe.config.class_label, dtype=torch.long, device=x0.device)
     if unet.config.include_spacing_input:
         extra["spacing_tensor"] = spacing.to(x0.device, x0.dtype) * pipe.config.spacing_scale
-    with torch.autocast(x0.device.type, dtype=torch.bfloat16, enabled=autocast):
+    with bf16_autocast(x0.device, autocast):
         v = unet(xt, t.to(x0.dtype), context=context, **extra)
     return F.l1_loss(v.float(), sched.velocity_target(x0, noise).float())
 

@@ -34,7 +34,7 @@ from ..data.errors import BadDataLog
 from ..io_utils import atomic_dir
 from ..models.discriminator import ADV_LOSSES, PatchDiscriminator, discriminator_adv_loss, generator_adv_loss
 from ..models.vae import AutoencoderKL, AutoencoderKLConfig
-from .common import (EMA, LossLog, add_config_flags, add_run_flags, apply_gradients, check_intervals,
+from .common import (EMA, LossLog, add_config_flags, add_run_flags, apply_gradients, bf16_autocast, check_intervals,
                      check_optimizer_settings, checkpoint_state, for_device, held_out_split, load_training_state,
                      open_run, resumable_batches, save_training_state, warmup_schedule)
 
@@ -104,13 +104,13 @@ def vae_loss(vae: AutoencoderKL, x: torch.Tensor, cfg: VAETrainConfig, generator
     ``parts`` holds the unweighted ``l1``, ``kl`` and (with a ``discriminator``) ``adv`` terms. Backward of
     ``loss`` is the VAE's whole training step but the optimizer (what a memory planner needs to run).
     """
-    with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=autocast):
+    with bf16_autocast(x.device, autocast):
         z_mu, z_sigma = vae.encode(x)
         recon = vae.decode(vae.sampling(z_mu, z_sigma, generator))
     parts = {"l1": F.l1_loss(recon.float(), x.float()), "kl": kl_divergence(z_mu, z_sigma)}
     loss = cfg.l1_weight * parts["l1"] + cfg.kl_weight * parts["kl"]
     if discriminator is not None:
-        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=autocast):
+        with bf16_autocast(x.device, autocast):
             logits = discriminator(recon)
         parts["adv"] = generator_adv_loss(logits, cfg.adv_loss)
         loss = loss + cfg.adversarial_weight(x.device) * parts["adv"]
@@ -120,7 +120,7 @@ def vae_loss(vae: AutoencoderKL, x: torch.Tensor, cfg: VAETrainConfig, generator
 def discriminator_loss(discriminator: PatchDiscriminator, real: torch.Tensor, fake: torch.Tensor, kind: str,
                        autocast: bool = False) -> torch.Tensor:
     """The discriminator's loss on real patches and (detached) reconstructions."""
-    with torch.autocast(real.device.type, dtype=torch.bfloat16, enabled=autocast):
+    with bf16_autocast(real.device, autocast):
         real_logits, fake_logits = discriminator(real), discriminator(fake.detach())
     return discriminator_adv_loss(real_logits, fake_logits, kind)
 
@@ -155,7 +155,7 @@ def evaluate_vae(vae: AutoencoderKL, volumes: Sequence[torch.Tensor], hu_window:
             raise ValueError(f"held-out volume size {tuple(v.shape[1:])} is not a multiple of the VAE's "
                              f"downsampling factor {f}")
         x = v[None].to(device, torch.float32)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast and not slab):
+        with bf16_autocast(device, autocast and not slab):
             z = (tiled_encode(vae, x, slab) if slab else vae.encode(x))[0].float()
             recon = (tiled_decode(vae, z, slab) if slab else vae.decode(z)).float().clamp(0, 1)
         err = recon - x
@@ -339,13 +339,13 @@ def build_vae(args: argparse.Namespace, seed: int) -> AutoencoderKL:
 
 def run(args: argparse.Namespace) -> None:
     from ..data.ctrate import collate
-    from ..pipeline import resolve_device
+    from ..pipeline import available_device
 
     cfg = VAETrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(VAETrainConfig)})
     cfg = dataclasses.replace(cfg, patch_size=tuple(cfg.patch_size), ema_decay=cfg.ema_decay or None)
     if args.val < 0:
         raise ValueError(f"--val must be 0 or more, got {args.val}")
-    vae = build_vae(args, cfg.seed).to(resolve_device(args.device))
+    vae = build_vae(args, cfg.seed).to(available_device(args.device))
     f = vae.config.downsample_factor
     if any(s % f for s in args.size) or any(p > s for p, s in zip(cfg.patch_size, args.size)):
         raise ValueError(f"--size {tuple(args.size)} must be multiples of the VAE's factor {f} and at least "
