@@ -63,7 +63,7 @@ stage cache $PY -m text2ct_engine.data.cache --data "$RUN/phantom" --vae "$RUN/v
     --size "${SIZE[@]}" --spacing "${SPACING[@]}" --device cpu --dtype float32
 
 # 6. starting model directory: trained VAE + CLIP text tower + a fresh (seeded) UNet, 128-wide cross-attention
-stage assemble $PY $CFG/assemble.py --vae "$RUN/vae/model" --clip "$RUN/clip/model" \
+stage assemble $PY -m text2ct_engine.assemble --vae "$RUN/vae/model" --clip "$RUN/clip/model" \
     --unet-config $CFG/unet.json --out "$RUN/init" --size "${SIZE[@]}" --spacing "${SPACING[@]}" \
     --steps 30 --guidance 5 --seed 0
 

@@ -188,7 +188,30 @@ def test_convert_cli_no_traceback(tmp_path):
                         "--vae", str(tmp_path / "b.pt"), "--out", str(tmp_path / "m")],
                        capture_output=True, text=True)
     assert r.returncode == 2
-    assert r.stderr.strip().splitlines() == [f"error: {tmp_path / 'a.pt'}: no such file"]
+    assert r.stderr.strip().splitlines() == [f"error: --unet {tmp_path / 'a.pt'}: no such file"]
+
+
+def test_settings_and_inputs_are_checked_before_any_checkpoint_is_read(checkpoints, capsys, monkeypatch):
+    """A bad --vae path, layout or size is one line before the (217 M-parameter) UNet checkpoint is loaded."""
+    import text2ct_engine.convert as convert_mod
+
+    tmp, _, _ = checkpoints
+    loaded = []
+    real_load = convert_mod.load_checkpoint
+    monkeypatch.setattr(convert_mod, "load_checkpoint", lambda path: loaded.append(path) or real_load(path))
+    bad_layout = tmp / "bad.json"
+    bad_layout.write_text(json.dumps({**UNET_KW, "norm_num_groups": 3}))
+    for extra, expected in ((["--vae", str(tmp / "none.pt")], "--vae"),
+                            (["--unet-config", str(bad_layout)], "invalid DiffusionUNet settings"),
+                            (["--size", "101", "64", "32"], "--size / --spacing"),
+                            (["--spacing", "0", "1", "1"], "--size / --spacing")):
+        assert run(tmp, "--out", str(tmp / "model"), *extra) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and expected in err[0], (extra, err)
+    assert loaded == [] and not os.path.exists(tmp / "model")
+    assert run(tmp, "--out", str(tmp / "model"), "--size", "64", "64", "32", "--spacing", "6", "6", "12") == 0
+    config = json.loads((tmp / "model" / "pipeline.json").read_text())
+    assert config["size"] == [64, 64, 32] and config["spacing"] == [6.0, 6.0, 12.0]
 
 
 def test_convert_with_text2ct_clip_checkpoint(checkpoints, capsys):

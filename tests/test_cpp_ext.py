@@ -49,4 +49,8 @@ def test_builds_of_other_environments_or_sources_get_their_own_folder(tmp_path, 
     monkeypatch.setattr(sys, "prefix", str(tmp_path / "other-venv"))
     other_env = cpp_ext.build_tag(src)
     src.write_text("int f() { return 2; }\n")
-    assert len({here, other_env, cpp_ext.build_tag(src)}) == 3
+    other_text = cpp_ext.build_tag(src)
+    checkout = tmp_path / "other-checkout"  # the same text at another path: torch's build.ninja names the path
+    checkout.mkdir()
+    (checkout / "group_norm.cpp").write_text(src.read_text())
+    assert len({here, other_env, other_text, cpp_ext.build_tag(checkout / "group_norm.cpp")}) == 4

@@ -316,3 +316,15 @@ def test_folder_volumes_pair_with_prompt_lines_in_number_order(work, tmp_path):
     (gen / "prompts.txt").write_text("".join(f"prompt {i}\n" for i in numbers), encoding="utf-8")
     vs = open_set(str(gen), "--generated")
     assert [(s.name, s.text) for s in vs.studies] == [(f"ct_{i:03d}.nii.gz", f"prompt {i}") for i in numbers]
+
+
+def test_the_report_names_every_skipped_volume_and_why():
+    from text2ct_engine.evaluate.report import format_report
+
+    def volume_set(path, skipped):
+        return {"layout": "folder", "split": None, "path": path, "volumes": 3, "with_text": 3, "with_labels": 0,
+                "skipped": skipped}
+    text = format_report({"generated": volume_set("gen", ["gen/ct_001.nii.gz: not a gzip file"]),
+                          "real": volume_set("real", []), "metrics": {}, "skipped_metrics": {}})
+    lines = text.splitlines()
+    assert "1 skipped" in lines[0] and lines[2] == "  skipped gen/ct_001.nii.gz: not a gzip file", text

@@ -92,9 +92,9 @@ def test_cache_skips_bad_volumes_and_refuses_other_settings(data_root, tmp_path)
 
 
 def test_cache_cli_errors_are_one_line(tmp_path, capsys):
-    assert main(["--data", str(tmp_path / "missing"), "--vae", str(tmp_path), "--out", str(tmp_path / "o")]) == 1
+    assert main(["--data", str(tmp_path / "missing"), "--vae", str(tmp_path), "--out", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and "error" in err and "Traceback" not in err
+    assert len(err.splitlines()) == 1 and err.startswith("error: ") and "Traceback" not in err
 
 
 def test_cache_cli_with_the_engine_vae(data_root, tmp_path, capsys):
@@ -151,7 +151,7 @@ def test_cache_cli_refuses_a_size_the_vae_cannot_encode_whole(data_root, tmp_pat
         str(tmp_path / "vae"))
     argv = ["--data", data_root, "--vae", str(tmp_path / "vae"), "--out", str(tmp_path / "c"), "--size", "30", "30",
             "14", "--spacing", "12", "12", "24", "--device", "cpu"]
-    assert main(argv) == 1
+    assert main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "multiples of the VAE's downsampling factor 4" in err[0] and "28 28 12" in err[0]
     assert not os.path.exists(tmp_path / "c" / INDEX)
@@ -187,9 +187,18 @@ def test_cache_cli_out_of_memory_is_one_line(data_root, tmp_path, capsys, monkey
     monkeypatch.setattr(cache, "build_latent_cache", oom)
     argv = ["--data", data_root, "--vae", str(tmp_path / "model"), "--out", str(tmp_path / "c"), "--size", "32",
             "32", "16", "--spacing", "12", "12", "24", "--device", "cpu"]
-    assert main(argv) == 1
+    assert main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "out of memory encoding at --size 32 32 16" in err[0] and "--batch-size 1" in err[0]
+    assert len(err) == 1 and err[0].startswith("error: out of memory: CUDA out of memory"), err
+    assert "encoding at --size 32 32 16" in err[0] and "--batch-size 1" in err[0] and "rerun resumes" in err[0]
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cache, "build_latent_cache", interrupted)
+    assert main(argv) == 130
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["interrupted: the shards written so far are complete; the same command resumes from them"]
 
 
 def test_tiled_encoder_gives_the_cache_the_same_latents(data_root, tmp_path, capsys):

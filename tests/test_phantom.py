@@ -168,6 +168,28 @@ def test_cli_subprocess_error_is_one_line(tmp_path):
     assert not (tmp_path / "q").exists()
 
 
+def test_ctrl_c_with_workers_is_one_line_and_says_how_to_rerun(tmp_path):
+    """SIGINT reaches the pool's workers too: they leave it to the parent, which ends in one line."""
+    import signal
+    import time
+
+    out = tmp_path / "d"
+    proc = subprocess.Popen([sys.executable, "-m", "text2ct_engine.data.phantom", "--n", "200", "--size", "64", "64",
+                             "64", "--workers", "2", "--out", str(out)], stderr=subprocess.PIPE, text=True)
+    seen = ""
+    deadline = time.time() + 120
+    while "phantoms:" not in seen and time.time() < deadline:  # the bar shows once the pool runs
+        seen += proc.stderr.read(1)
+    time.sleep(1.0)
+    proc.send_signal(signal.SIGINT)
+    rest = proc.communicate(timeout=120)[1]
+    lines = [line for line in (seen + rest).replace("\r", "\n").splitlines() if line.strip()]
+    assert proc.returncode == 130, rest[-800:]
+    assert "Traceback" not in rest and lines[-1].startswith("interrupted: the train split was not swapped in")
+    assert "--force" in lines[-1]
+    assert not (out / "dataset" / "train_fixed").exists()  # nothing half-made swapped in
+
+
 def test_cli_writes_and_force_rewrites(tmp_path, capsys):
     out = str(tmp_path / "d")
     assert main(["--n", "2", "--size", "32", "32", "16", "--out", out, "--quiet"]) == 0

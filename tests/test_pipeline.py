@@ -245,6 +245,13 @@ def test_sizes_and_devices_are_bounded():
             resolve_device(bad)
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without a GPU")
+def test_loading_onto_cuda_without_a_gpu_is_one_value_error(tmp_path):
+    tiny_pipeline().save_pretrained(tmp_path / "m")
+    with pytest.raises(ValueError, match="no CUDA GPU is available here"):
+        Text2CTPipeline.from_pretrained(tmp_path / "m", device="cuda")
+
+
 def test_sampler_state_stays_float32_when_the_unet_runs_in_bf16(monkeypatch):
     """Only the UNet's inputs are rounded to its dtype; the Euler state and the guided velocity stay float32."""
     pipe = tiny_pipeline()

@@ -57,8 +57,10 @@ def test_round_trip(trained, tmp_path):
 
 def test_truncation_warns_and_keeps_end_token(trained):
     long = " ".join(REPORTS[:4])
-    with pytest.warns(PromptTruncatedWarning, match="prompt 1 has .* more than the context length 32"):
+    with pytest.warns(PromptTruncatedWarning, match=r'prompt 1 \(".{40}\.\.\."\) has .* more than the context length 32'):
         enc = trained.encode(["short", long])
+    with pytest.warns(PromptTruncatedWarning, match=f'the prompt "{long[:40]}..." has'):
+        trained.encode([long])
     assert enc.attention_mask[1].all()
     assert enc.input_ids[1, -1] == trained.eos_id and enc.input_ids[1, 0] == trained.bos_id
     assert enc.input_ids[1, 1:31].tolist() == trained.tokenize(long)[:30]

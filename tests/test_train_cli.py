@@ -170,3 +170,33 @@ def test_cuda_device_without_a_gpu_is_one_line(made, tmp_path, capsys, trainer):
     line = error_line(capsys, argv + ["--device", "cuda"])
     assert "--device cuda" in line and "no CUDA GPU is available here" in line, line
     assert not run.exists()
+
+
+def test_less_data_than_one_batch_is_one_line_before_the_run_folder(made, tmp_path, capsys):
+    run = tmp_path / "run"
+    line = error_line(capsys, ldm_args(made, run, "--steps", "1", "--batch-size", "100"))
+    assert "fewer than one batch of 100" in line and "--batch-size" in line, line
+    assert not run.exists()
+
+
+def test_out_that_is_a_file_is_one_line(made, tmp_path, capsys):
+    out = tmp_path / "ct.nii.gz"
+    out.write_bytes(b"kept")
+    line = error_line(capsys, ldm_args(made, out, "--steps", "1"))
+    assert "is a file, not a run folder" in line and out.read_bytes() == b"kept"
+
+
+def test_a_bad_network_config_names_its_file(made, tmp_path, capsys):
+    import shutil
+
+    shutil.copytree(made / "base", tmp_path / "m")
+    config = tmp_path / "m" / "unet" / "config.json"
+    settings = json.loads(config.read_text())
+    settings["norm_num_groups"] = 3  # divides no channel count of the tiny UNet
+    config.write_text(json.dumps(settings))
+    line = error_line(capsys, ["ldm", "--model", str(tmp_path / "m"), "--data", str(made / "cache"), "--out",
+                               str(tmp_path / "run"), "--steps", "1"])
+    assert str(config) in line, line
+    missing = error_line(capsys, ["ldm", "--model", str(tmp_path / "none"), "--data", str(made / "cache"), "--out",
+                                  str(tmp_path / "run"), "--steps", "1"])
+    assert "does not exist" in missing, missing

@@ -13,13 +13,14 @@ import os
 import pickle
 import re
 import sys
+from typing import Sequence
 
 import torch
 
 from .cli import Parser, run_guarded, path as cli_path
 from .io_utils import atomic_dir, check_creatable, check_replaceable_dir, read_json_object
 from .models import AutoencoderKL, DiffusionUNet
-from .models.serialization import strict_load
+from .models.serialization import build_on_meta, strict_load
 from .pipeline import PIPELINE_FILE, PipelineConfig, Text2CTPipeline, check_scale_factor
 
 STATE_KEYS = ("unet_state_dict", "autoencoder_state_dict", "state_dict", "model_state_dict", "model",
@@ -130,16 +131,33 @@ def check_output(out: str, force: bool, inputs: tuple[str | None, ...]) -> None:
 
 def convert(unet_path: str, vae_path: str, out: str, unet_config: str | None = None, vae_config: str | None = None,
             scale_factor: float | None = None, clip_path: str | None = None, tokenizer_path: str | None = None,
-            clip_config: str | None = None, force: bool = False, log=print) -> Text2CTPipeline:
+            clip_config: str | None = None, force: bool = False, log=print, size: Sequence[int] | None = None,
+            spacing: Sequence[float] | None = None) -> Text2CTPipeline:
     """Build the model directory ``out`` from checkpoints; nothing is left behind on error.
 
-    With ``force`` an existing ``out`` is replaced only if it is a model directory (or empty)."""
+    With ``force`` an existing ``out`` is replaced only if it is a model directory (or empty). ``size`` and
+    ``spacing`` are ``pipeline.json``'s defaults for sampling (default: Text2CT's 512x512x128 at 0.75x0.75x3
+    mm). Every setting and input path is checked before the first checkpoint is read."""
     check_output(out, force, (unet_path, vae_path, unet_config, vae_config, clip_path, tokenizer_path, clip_config))
     if scale_factor is not None:
         try:
             scale_factor = check_scale_factor(scale_factor)
         except ValueError as err:
             raise ConvertError(f"--scale-factor: {err}") from None
+    unet_kwargs, vae_kwargs, clip_kwargs = read_config(unet_config), read_config(vae_config), read_config(clip_config)
+    inputs = (("--unet", unet_path), ("--vae", vae_path), ("--clip", clip_path), ("--tokenizer", tokenizer_path))
+    for flag, path in inputs:
+        if path is not None and not os.path.isfile(path):
+            raise ConvertError(f"{flag} {path}: no such file")
+    with build_on_meta():  # the layouts and the sampling defaults, checked before any weight is read
+        probe = Text2CTPipeline(build(DiffusionUNet, unet_kwargs, unet_config), build(AutoencoderKL, vae_kwargs,
+                                                                                     vae_config))
+    defaults = PipelineConfig()
+    try:
+        size = probe.check_size(defaults.size if size is None else size)
+        spacing = probe.check_spacing(defaults.spacing if spacing is None else spacing)
+    except ValueError as err:
+        raise ConvertError(f"--size / --spacing: {err}") from None
     unet_ckpt = load_checkpoint(unet_path)
     unet_sd, where = find_state_dict(unet_ckpt, unet_path, ("unet_state_dict",))
     log(f"unet: {len(unet_sd)} tensors from {where} of {unet_path}")
@@ -149,18 +167,18 @@ def convert(unet_path: str, vae_path: str, out: str, unet_config: str | None = N
     vae_ckpt = load_checkpoint(vae_path)
     vae_sd, where = find_state_dict(vae_ckpt, vae_path, ("autoencoder_state_dict",))
     log(f"vae: {len(vae_sd)} tensors from {where} of {vae_path}")
-    unet = build(DiffusionUNet, read_config(unet_config), unet_config)
-    vae = build(AutoencoderKL, read_config(vae_config), vae_config)
+    unet = build(DiffusionUNet, unet_kwargs, unet_config)
+    vae = build(AutoencoderKL, vae_kwargs, vae_config)
     load_into(unet, unet_sd, unet_path)
     load_into(vae, vae_sd, vae_path)
     text_encoder = tokenizer = None
     if clip_path is not None:
         from .text import convert_clip_checkpoint
         text_encoder, tokenizer, what = convert_clip_checkpoint(load_checkpoint(clip_path), clip_path,
-                                                                tokenizer_path, read_config(clip_config) or None)
+                                                                tokenizer_path, clip_kwargs or None)
         log(f"clip text tower: {what} from {clip_path}")
-    pipe = Text2CTPipeline(unet.eval(), vae.eval(), PipelineConfig(scale_factor=scale_factor),
-                           text_encoder, tokenizer)
+    pipe = Text2CTPipeline(unet.eval(), vae.eval(), PipelineConfig(scale_factor=scale_factor, size=size,
+                                                                   spacing=spacing), text_encoder, tokenizer)
     with atomic_dir(out, marker=PIPELINE_FILE) as tmp:
         pipe.save_pretrained(tmp)
     log(f"wrote {out}")
@@ -179,10 +197,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tokenizer", type=cli_path, help="tokenizer.json to ship with the CLIP text tower")
     p.add_argument("--clip-config", type=cli_path,
                    help="JSON file of the text tower's settings (heads, activation; HF names)")
+    p.add_argument("--size", type=int, nargs=3, metavar=("X", "Y", "Z"),
+                   help="default output voxels of sample (default 512 512 128, Text2CT's)")
+    p.add_argument("--spacing", type=float, nargs=3, metavar=("SX", "SY", "SZ"),
+                   help="default mm per voxel (default 0.75 0.75 3, Text2CT's)")
     p.add_argument("--force", action="store_true", help="replace --out if it exists")
     args = p.parse_args(argv)
     return run_guarded(lambda: convert(args.unet, args.vae, args.out, args.unet_config, args.vae_config,
-                                       args.scale_factor, args.clip, args.tokenizer, args.clip_config, args.force))
+                                       args.scale_factor, args.clip, args.tokenizer, args.clip_config, args.force,
+                                       size=args.size, spacing=args.spacing))
 
 
 if __name__ == "__main__":

@@ -167,6 +167,8 @@ class Text2CTPipeline:
             raise ValueError(f"{directory} is not a model directory: {PIPELINE_FILE} is missing")
         config = PipelineConfig.from_file(path)
         dev = resolve_device(device)
+        if dev.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"device {device} asked for, but no CUDA GPU is available here: load on 'cpu'")
         unet = DiffusionUNet.from_pretrained(os.path.join(directory, "unet"), device=dev, dtype=dtype)
         vae = AutoencoderKL.from_pretrained(os.path.join(directory, "vae"), device=dev, dtype=dtype)
         text_encoder = tokenizer = None

@@ -212,7 +212,10 @@ class CLIPTokenizer:
                     raise ValueError(f"{which} is empty; pass allow_empty=True to ask for unconditional generation")
                 empty[i] = True
             if len(tokens) > length - 2:
-                warnings.warn(f"prompt {i} has {len(tokens) + 2} tokens with start/end, more than the context "
+                start = " ".join(prompt.split())
+                start = f'"{start[:40]}..."' if len(start) > 40 else f'"{start}"'
+                which = f"prompt {i} ({start})" if len(prompts) > 1 else f"the prompt {start}"
+                warnings.warn(f"{which} has {len(tokens) + 2} tokens with start/end, more than the context "
                               f"length {length}: truncated to its first {length - 2} tokens",
                               PromptTruncatedWarning, stacklevel=2)
                 tokens = tokens[: length - 2]

@@ -23,6 +23,7 @@ CLI::
 """
 from __future__ import annotations
 
+import argparse
 import copy
 import hashlib
 import json
@@ -35,7 +36,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch.utils.data import DataLoader, Dataset
 
-from ..cli import Parser as CLIParser, describe_os_error, is_out_of_memory, path as cli_path, slab as cli_slab
+from ..cli import Parser as CLIParser, path as cli_path, run_guarded, slab as cli_slab
 from ..io_utils import atomic_path, write_json
 from ..tiling import SlabEncoder, auto_slab
 from .ctrate import CTRATEDataset, collate, dataset_root
@@ -299,6 +300,16 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--shard-size and --batch-size must be >= 1, --workers >= 0")
     if any(s < 1 for s in a.size) or any(s <= 0 for s in a.spacing):
         p.error("--size and --spacing must be positive")
+    size = " ".join(map(str, a.size))
+    hint = (f"encoding at --size {size} on {a.device}: use --batch-size 1, --encode-slab 8 --encode-storage host "
+            f"(the exact tiled encoder), a smaller --size, or a device with more memory; the shards written so far "
+            f"are kept and a rerun resumes")
+    return run_guarded(lambda: _run(a), oom_hint=hint,
+                       interrupted="the shards written so far are complete; the same command resumes from them")
+
+
+def _run(a: argparse.Namespace) -> None:
+    """The command's job; bad data and bad arguments are one ``ValueError`` line (see ``cli.run_guarded``)."""
     try:
         ds = CTRATEDataset(a.data, a.split, a.spacing, a.size, a.mode, strict=a.strict)
         if not len(ds):
@@ -314,21 +325,11 @@ def main(argv: list[str] | None = None) -> int:
         idx = build_latent_cache(ds, vae, a.out, a.shard_size, a.batch_size, device, getattr(torch, a.dtype),
                                  a.workers, vae_name=os.path.abspath(a.vae), slab=a.encode_slab,
                                  storage=a.encode_storage, host_memory=a.encode_host_memory)
-    except (DataError, BadDataError, ValueError, OSError) as e:
-        print(f"{p.prog}: error: {describe_os_error(e) if isinstance(e, OSError) else e}", file=sys.stderr)
-        return 1
-    except (MemoryError, RuntimeError) as e:
-        if not is_out_of_memory(e):
-            raise
-        print(f"{p.prog}: error: out of memory encoding at --size {' '.join(map(str, a.size))} on {a.device}: "
-              f"use --batch-size 1, --encode-slab 8 --encode-storage host (the exact tiled encoder), a smaller "
-              f"--size, or a device with more memory; the shards written so far are kept and a rerun resumes",
-              file=sys.stderr)
-        return 1
+    except (DataError, BadDataError) as e:
+        raise ValueError(str(e)) from None
     print(f"{len(idx['entries'])} latents in {a.out} ({len(idx['skipped'])} skipped)")
     for path, reason in idx["skipped"]:
         print(f"  skipped {path}: {reason}", file=sys.stderr)
-    return 0
 
 
 if __name__ == "__main__":

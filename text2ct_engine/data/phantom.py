@@ -23,12 +23,13 @@ import csv
 import io
 import multiprocessing as mp
 import os
+import signal
 import sys
 from dataclasses import dataclass
 
 import numpy as np
 
-from ..cli import Parser as CLIParser, describe_os_error, path as cli_path
+from ..cli import Parser as CLIParser, path as cli_path, run_guarded
 from ..io_utils import atomic_dir, atomic_path
 from .labels import CTRATE_LABELS, REPORT_COLUMNS
 from .phantom_anatomy import Anatomy
@@ -140,8 +141,11 @@ def _make_one(job: _Job) -> dict:
 
 
 def _init_worker() -> None:
+    """A pool worker: one torch thread, and Ctrl-C left to the parent (which ends the pool), so an interrupt
+    prints one line instead of a traceback per worker."""
     import torch
 
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     torch.set_num_threads(1)
 
 
@@ -196,18 +200,17 @@ def _make_all(vol_dir: str, n: int, size: tuple[int, int, int], spacing: tuple[f
 
     jobs = [_Job(seed, i, tuple(size), tuple(spacing), vol_dir, split) for i in range(n)]  # type: ignore[arg-type]
     results: list[dict] = []
-    bar = tqdm(total=n, desc="phantoms", unit="vol", disable=not progress)
-    if workers <= 1:
-        for j in jobs:
-            results.append(_make_one(j))
-            bar.update()
-    else:
-        ctx = mp.get_context("spawn" if sys.platform == "darwin" else "fork")
-        with ctx.Pool(workers, initializer=_init_worker) as pool:
-            for r in pool.imap_unordered(_make_one, jobs):
-                results.append(r)
+    with tqdm(total=n, desc="phantoms", unit="vol", disable=not progress) as bar:  # closed on Ctrl-C too
+        if workers <= 1:
+            for j in jobs:
+                results.append(_make_one(j))
                 bar.update()
-    bar.close()
+        else:
+            ctx = mp.get_context("spawn" if sys.platform == "darwin" else "fork")
+            with ctx.Pool(workers, initializer=_init_worker) as pool:
+                for r in pool.imap_unordered(_make_one, jobs):
+                    results.append(r)
+                    bar.update()
     return sorted(results, key=lambda r: r["index"])
 
 
@@ -245,17 +248,13 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"--out {a.out} exists and is not a directory")
     if os.path.isdir(a.out) and os.listdir(a.out) and not a.force:
         p.error(f"output directory {a.out} is not empty (use --force to write into it)")
-    try:
+
+    def job() -> None:
         root = make_dataset(a.out, a.n, tuple(a.size), tuple(a.spacing) if a.spacing else None, a.seed, a.workers,
                             a.split, a.force, progress=not a.quiet)
-    except (OSError, ValueError) as e:
-        print(f"{p.prog}: error: {describe_os_error(e) if isinstance(e, OSError) else e}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print(f"{p.prog}: interrupted", file=sys.stderr)
-        return 130
-    print(f"wrote {a.n} studies to {root}")
-    return 0
+        print(f"wrote {a.n} studies to {root}")
+    return run_guarded(job, interrupted=f"the {a.split} split was not swapped in (a previous one is as it was); "
+                                        f"rerun the command with --force to write it")
 
 
 if __name__ == "__main__":

@@ -62,6 +62,7 @@ def _findings(f: dict) -> list[str]:
 def format_report(result: dict) -> str:
     """Sets, summary metrics, the findings table and the skipped metrics, one block each."""
     blocks = [[_set_line("generated", result["generated"]), _set_line("real", result["real"])]]
+    blocks[0] += [f"  skipped {entry}" for role in ("generated", "real") for entry in result[role]["skipped"]]
     m = result["metrics"]
     if any(k in m for k in ("fid", "hist", "clip")):
         blocks.append(_summary(m))

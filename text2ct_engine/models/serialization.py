@@ -137,12 +137,16 @@ class PretrainedMixin:
     def load_config(cls, directory: str | os.PathLike):
         """The ``config_class`` stored in ``directory/config.json``."""
         path = os.path.join(directory, CONFIG_NAME)
+        if not os.path.isdir(directory):
+            raise ValueError(f"{directory} does not exist: it should be a model directory of a {cls.__name__}")
         if not os.path.isfile(path):
-            raise ValueError(f"{path} is missing: not a {cls.__name__} model directory")
+            raise ValueError(f"{path} is missing: {directory} is not a model directory of a {cls.__name__}")
         try:
             return cls.config_from_dict(read_json_object(path, "model config"), path)
         except TypeError as err:
             raise ValueError(f"{path}: invalid {cls.__name__} settings ({err})") from None
+        except ValueError as err:  # a setting out of range: say which file holds it
+            raise ValueError(str(err) if path in str(err) else f"{path}: {err}") from None
 
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike, device: str | torch.device = "cpu",
@@ -153,8 +157,11 @@ class PretrainedMixin:
         if not os.path.isfile(path):
             raise ValueError(f"{path} is missing: the model directory has no weights")
         config, state = cls.select_weights(config, read_weights(path, device))
-        with build_on_meta():
-            model = cls(config)
+        try:
+            with build_on_meta():
+                model = cls(config)
+        except ValueError as err:  # settings the network cannot be built with: name the file they came from
+            raise ValueError(f"{os.path.join(directory, CONFIG_NAME)}: {err}") from None
         strict_load(model, state, path)
         unset = [n for n, t in (*model.named_parameters(), *model.named_buffers()) if t.is_meta]
         if unset:  # a tensor no checkpoint holds (a non-persistent buffer) would stay without values

@@ -42,8 +42,9 @@ def source_dir() -> Path | None:
 
 def build_tag(source: Path) -> str:
     """Short hash of what a build depends on: the CPU's feature flags (the library is built with
-    -march=native), the torch version and environment (headers, ABI) and the source text. Builds that differ
-    in any of them get their own folder, so two virtual environments or checkouts on one machine never
+    -march=native), the torch version and environment (headers, ABI), the source text and the source's path
+    (torch's build.ninja names it, so the same text at another path is another build to ninja). Builds that
+    differ in any of them get their own folder, so two virtual environments or checkouts on one machine never
     rebuild over each other's library (torch rebuilds silently, in ~20 s, when its build hash changes)."""
     import torch
 
@@ -53,7 +54,8 @@ def build_tag(source: Path) -> str:
             flags += next((line for line in f if line.startswith(("flags", "Features"))), "")
     except OSError:
         pass
-    key = "\0".join((flags, torch.__version__, sys.prefix, source.read_text(errors="replace")))
+    text = source.read_text(errors="replace")
+    key = "\0".join((flags, torch.__version__, sys.prefix, str(source.resolve()), text))
     return hashlib.sha1(key.encode()).hexdigest()[:10]
 
 

@@ -41,8 +41,8 @@ from ..models.clip3d import LOGIT_SCALE_MAX
 from ..text import CLIP_DIR, TOKENIZER_FILE, check_text_side, save_text_side
 from ..tokenizer import CLIPTokenizer
 from .common import (EMA, LossLog, TruncationNote, add_config_flags, add_run_flags, apply_gradients, autocast_enabled,
-                     bf16_autocast, check_intervals, check_optimizer_settings, checkpoint_state, for_device,
-                     held_out_split, load_training_state, open_run, resumable_batches, save_training_state,
+                     bf16_autocast, check_batch_size, check_intervals, check_optimizer_settings, checkpoint_state,
+                     for_device, held_out_split, load_training_state, open_run, resumable_batches, save_training_state,
                      typed_settings, warmup_schedule)
 
 # settings a resume may change (they do not change the math); so may steps, with a constant lr schedule
@@ -247,6 +247,7 @@ def train_clip(model: CLIP3D, tokenizer: CLIPTokenizer, dataset: Dataset, cfg: C
                          f"{text_cfg.max_position_embeddings} positions")
     device = next(model.parameters()).device
     cfg, autocast = for_device(cfg, device)
+    check_batch_size(dataset, cfg.batch_size)
     ckpt_dir, model_dir, resuming = open_run(out_dir, resume)
     model.train()
     model.set_gradient_checkpointing(cfg.gradient_checkpointing)

@@ -148,6 +148,8 @@ def open_run(out_dir: str, resume: bool) -> tuple[str, str, bool]:
     swap first (:func:`io_utils.recover_dir`).
     """
     ckpt_dir, model_dir = os.path.join(out_dir, "checkpoint"), os.path.join(out_dir, "model")
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise ValueError(f"--out {out_dir} is a file, not a run folder: pick another --out")
     if os.path.isdir(out_dir):
         recover_dir(ckpt_dir)
         recover_dir(model_dir)
@@ -270,6 +272,13 @@ def warmup_schedule(optimizer: torch.optim.Optimizer, warmup_steps: int,
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
+def check_batch_size(dataset: Dataset, batch_size: int) -> None:
+    """A one-line ``ValueError`` when ``dataset`` holds less than one batch (before a run folder is made)."""
+    if len(dataset) < batch_size:
+        raise ValueError(f"the data set has {len(dataset)} items, fewer than one batch of {batch_size}: lower "
+                         f"--batch-size or add data")
+
+
 def resumable_batches(dataset: Dataset, batch_size: int, seed: int, start_step: int = 0, num_workers: int = 0,
                       collate_fn: Callable[[list], Any] | None = None) -> Iterator[Any]:
     """Endless shuffled batches for steps ``start_step, start_step + 1, ...`` (incomplete batches dropped).
@@ -277,9 +286,8 @@ def resumable_batches(dataset: Dataset, batch_size: int, seed: int, start_step: 
     Epoch e is a permutation drawn from ``seed + e``, so a resumed run gets exactly the batches the
     uninterrupted run would have, without loading the ones it skips.
     """
+    check_batch_size(dataset, batch_size)
     per_epoch = len(dataset) // batch_size
-    if per_epoch == 0:
-        raise ValueError(f"the data set has {len(dataset)} items, fewer than one batch of {batch_size}")
     epoch, skip = divmod(start_step, per_epoch)
     while True:
         order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed + epoch)).tolist()

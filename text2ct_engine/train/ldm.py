@@ -22,7 +22,7 @@ from torch.utils.data import Dataset
 from ..pipeline import Text2CTPipeline
 from ..schedulers import RFlowScheduler
 from ..io_utils import atomic_dir
-from .common import (EMA, LossLog, TruncationNote, apply_gradients, bf16_autocast, check_intervals,
+from .common import (EMA, LossLog, TruncationNote, apply_gradients, bf16_autocast, check_batch_size, check_intervals,
                      check_optimizer_settings, for_device, load_training_state, open_run, resumable_batches,
                      save_training_state, warmup_schedule)
 
@@ -120,6 +120,7 @@ def train_ldm(pipe: Text2CTPipeline, dataset: Dataset, cfg: LDMTrainConfig, out_
     cfg.validate()
     device, unet = pipe.device, pipe.unet
     cfg, autocast = for_device(cfg, device)
+    check_batch_size(dataset, cfg.batch_size)
     ckpt_dir, model_dir, resuming = open_run(out_dir, resume)
     unet.train()
     unet.set_gradient_checkpointing(cfg.gradient_checkpointing)

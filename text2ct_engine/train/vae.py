@@ -34,9 +34,9 @@ from ..data.errors import BadDataLog
 from ..io_utils import atomic_dir
 from ..models.discriminator import ADV_LOSSES, PatchDiscriminator, discriminator_adv_loss, generator_adv_loss
 from ..models.vae import AutoencoderKL, AutoencoderKLConfig
-from .common import (EMA, LossLog, add_config_flags, add_run_flags, apply_gradients, bf16_autocast, check_intervals,
-                     check_optimizer_settings, checkpoint_state, for_device, held_out_split, load_training_state,
-                     open_run, resumable_batches, save_training_state, warmup_schedule)
+from .common import (EMA, LossLog, add_config_flags, add_run_flags, apply_gradients, bf16_autocast, check_batch_size,
+                     check_intervals, check_optimizer_settings, checkpoint_state, for_device, held_out_split,
+                     load_training_state, open_run, resumable_batches, save_training_state, warmup_schedule)
 
 DISC_DIR = "discriminator"  # the discriminator's resumable state, inside out/checkpoint
 FREE_ON_RESUME = ("steps", "log_every", "save_every", "eval_every", "eval_slab", "num_workers",
@@ -187,6 +187,7 @@ def train_vae(vae: AutoencoderKL, dataset: Dataset, cfg: VAETrainConfig, out_dir
     cfg, autocast = for_device(cfg, device)
     cfg = dataclasses.replace(cfg, adv_weight=cfg.adversarial_weight(device))  # explicit too, as above
     adv_weight = cfg.adv_weight
+    check_batch_size(dataset, cfg.batch_size)
     ckpt_dir, model_dir, resuming = open_run(out_dir, resume)
     vae.train().requires_grad_(True)
     vae.set_gradient_checkpointing(cfg.gradient_checkpointing)
