@@ -27,7 +27,7 @@ from text2ct_engine.memory import DTYPES, GIB, Phase, Setup, phases, run_phase, 
 
 def measure(phase: Phase, setup: Setup, device: torch.device) -> dict:
     """Run one phase for real; the allocator's peak on CUDA, the tracker's on both."""
-    networks = getattr(setup, phase.networks.__name__)() if phase.networks else setup.networks()
+    networks = (phase.networks or Setup.networks)(setup)
     start = time.perf_counter()
     holder = {}
 

@@ -71,6 +71,11 @@ def test_bad_inputs_are_one_line_and_write_nothing(parts, tmp_path, capsys):
     line = one_error_line(capsys, ["--vae", str(parts / "trained" / "vae"), "--clip", str(parts / "trained" / "vae"),
                                    "--out", str(out), "--size", "32", "32", "16", "--spacing", "6", "6", "12"])
     assert "holds no clip/" in line
+    assert "--steps: steps must be at least 1" in one_error_line(capsys, argv(parts, out, "--steps", "0"))
+    assert "--guidance" in one_error_line(capsys, argv(parts, out, "--guidance", "nan"))
+    broken = tmp_path / "broken.json"
+    broken.write_text("{")
+    assert "cannot read the UNet config" in one_error_line(capsys, argv(parts, out, "--unet-config", str(broken)))
     missing = argv(parts, out)
     missing[1] = str(tmp_path / "none")  # --vae
     assert "does not exist" in one_error_line(capsys, missing)

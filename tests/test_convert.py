@@ -204,7 +204,8 @@ def test_settings_and_inputs_are_checked_before_any_checkpoint_is_read(checkpoin
     for extra, expected in ((["--vae", str(tmp / "none.pt")], "--vae"),
                             (["--unet-config", str(bad_layout)], "invalid DiffusionUNet settings"),
                             (["--size", "101", "64", "32"], "--size / --spacing"),
-                            (["--spacing", "0", "1", "1"], "--size / --spacing")):
+                            (["--spacing", "0", "1", "1"], "--size / --spacing"),
+                            (["--clip", str(tmp / "unet.pt")], "pass --tokenizer")):
         assert run(tmp, "--out", str(tmp / "model"), *extra) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and expected in err[0], (extra, err)

@@ -5,7 +5,7 @@ from functools import partial
 import pytest
 import torch
 
-from text2ct_engine.memory import (GIB, MemoryTracker, Setup, clip_training_step, decode_step, encode_step, main,
+from text2ct_engine.memory import (MemoryTracker, Setup, clip_training_step, decode_step, encode_step, main,
                                    phases, plan, run_phase, sampling_step, track, training_step, vae_training_step,
                                    weight_bytes)
 
@@ -90,14 +90,14 @@ def test_unet_training_plan_holds_the_frozen_text_tower():
     s = tiny(volume=(64, 64, 32))
     unet, vae, text = s.networks()
     with_text = run_phase("train", "train", training_step, s)
-    without = run_phase("train", "train", training_step, s, networks=lambda: s.networks()[:2])
+    without = run_phase("train", "train", training_step, s, networks=lambda setup: setup.networks()[:2])
     assert with_text.device_bytes - without.device_bytes >= weight_bytes(text, torch.float32)
     assert "frozen fp32 text tower" in next(p.notes for p in phases(s, "train"))
 
 
 def _clip_peak(**kwargs) -> int:
     s = tiny(**kwargs)
-    return run_phase("train_clip", "train clip", clip_training_step, s, networks=s.clip_networks).device_bytes
+    return run_phase("train_clip", "train clip", clip_training_step, s, networks=Setup.clip_networks).device_bytes
 
 
 def test_clip_training_grows_with_the_batch_and_the_volume():

@@ -272,3 +272,13 @@ def test_sampler_state_stays_float32_when_the_unet_runs_in_bf16(monkeypatch):
     ctx = torch.randn(2, 1, CONTEXT_DIM)
     lat = pipe.sample_latents(ctx, (16, 16, 8), (1.5, 1.5, 3.0), steps=3, guidance=3.0, seeds=[0, 1])
     assert lat.dtype == torch.float32 and len(seen) == 3 and set(seen) == {torch.bfloat16}
+
+
+def test_a_cuda_index_past_the_machines_devices_is_one_value_error(monkeypatch):
+    from text2ct_engine.pipeline import available_device
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert available_device("cuda:1") == torch.device("cuda:1")
+    with pytest.raises(ValueError, match=r"--device cuda:2 asked for, but this machine has 2 CUDA device\(s\), "
+                                         r"cuda:0 to cuda:1"):
+        available_device("cuda:2")

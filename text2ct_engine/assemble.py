@@ -12,7 +12,6 @@ auto`` measures the latents' spread from the cache (the trained model directory 
 """
 from __future__ import annotations
 
-import json
 import os
 import sys
 from typing import Callable, Sequence
@@ -21,27 +20,11 @@ import torch
 
 from .cli import Parser, path as cli_path, run_guarded
 from .convert import check_output
-from .io_utils import atomic_dir
+from .io_utils import atomic_dir, read_json_object
 from .models import AutoencoderKL, DiffusionUNet
 from .models.serialization import build_on_meta
-from .pipeline import PIPELINE_FILE, PipelineConfig, Text2CTPipeline
+from .pipeline import PIPELINE_FILE, PipelineConfig, Text2CTPipeline, check_guidance, check_steps
 from .text import CLIP_DIR, load_text_side
-
-
-def read_unet_settings(path: str | None) -> dict:
-    """DiffusionUNet keyword arguments from a JSON file ({} for Text2CT's layout)."""
-    if path is None:
-        return {}
-    try:
-        with open(path, encoding="utf-8") as f:
-            settings = json.load(f)
-    except OSError as err:
-        raise ValueError(f"--unet-config {path}: {err.strerror}") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ValueError(f"--unet-config {path} is not valid JSON: {err}") from None
-    if not isinstance(settings, dict):
-        raise ValueError(f"--unet-config {path} must hold a JSON object of DiffusionUNet keyword arguments")
-    return settings
 
 
 def fresh_unet(settings: dict, width: int, seed: int) -> DiffusionUNet:
@@ -64,7 +47,12 @@ def assemble(vae_dir: str, clip_dir: str, out: str, size: Sequence[int], spacing
              force: bool = False, log: Callable[[str], None] = print) -> Text2CTPipeline:
     """Write the model directory ``out`` (see the module docstring); nothing is left behind on error."""
     check_output(out, force, (vae_dir, clip_dir, unet_config))
-    settings = read_unet_settings(unet_config)
+    for flag, check, value in (("--steps", check_steps, steps), ("--guidance", check_guidance, guidance)):
+        try:
+            check(value)
+        except ValueError as err:
+            raise ValueError(f"{flag}: {err}") from None
+    settings = read_json_object(unet_config, "UNet config (DiffusionUNet keyword arguments)") if unet_config else {}
     if not os.path.isdir(os.path.join(clip_dir, CLIP_DIR)):
         raise ValueError(f"--clip {clip_dir} holds no {CLIP_DIR}/: give train clip's out/model (clip/ + "
                          f"tokenizer.json) or a model directory")

@@ -149,6 +149,12 @@ def convert(unet_path: str, vae_path: str, out: str, unet_config: str | None = N
     for flag, path in inputs:
         if path is not None and not os.path.isfile(path):
             raise ConvertError(f"{flag} {path}: no such file")
+    if clip_path is not None:
+        from .text import check_clip_inputs
+        try:
+            check_clip_inputs(clip_path, tokenizer_path, clip_kwargs)
+        except ValueError as err:
+            raise ConvertError(str(err)) from None
     with build_on_meta():  # the layouts and the sampling defaults, checked before any weight is read
         probe = Text2CTPipeline(build(DiffusionUNet, unet_kwargs, unet_config), build(AutoencoderKL, vae_kwargs,
                                                                                      vae_config))

@@ -135,9 +135,22 @@ def available_device(name: str | None) -> torch.device:
         device = resolve_device(name)
     except ValueError:
         raise ValueError(f"--device {name}: not a device this runs on (auto, cpu, cuda, cuda:N)") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {name} asked for, but no CUDA GPU is available here: use --device cpu")
+    problem = cuda_problem(device)
+    if problem is not None:
+        raise ValueError(f"--device {name} asked for, but {problem}")
     return device
+
+
+def cuda_problem(device: torch.device) -> str | None:
+    """Why ``device`` cannot be used on this machine (None when it can, or is not a CUDA device)."""
+    if device.type != "cuda":
+        return None
+    if not torch.cuda.is_available():
+        return "no CUDA GPU is available here: use the CPU"
+    count = torch.cuda.device_count()
+    if device.index is not None and device.index >= count:
+        return f"this machine has {count} CUDA device(s), cuda:0 to cuda:{count - 1}"
+    return None
 
 
 def has_text_encoder(directory: str | os.PathLike) -> bool:
@@ -167,8 +180,9 @@ class Text2CTPipeline:
             raise ValueError(f"{directory} is not a model directory: {PIPELINE_FILE} is missing")
         config = PipelineConfig.from_file(path)
         dev = resolve_device(device)
-        if dev.type == "cuda" and not torch.cuda.is_available():
-            raise ValueError(f"device {device} asked for, but no CUDA GPU is available here: load on 'cpu'")
+        problem = cuda_problem(dev)
+        if problem is not None:
+            raise ValueError(f"device {device} asked for, but {problem}")
         unet = DiffusionUNet.from_pretrained(os.path.join(directory, "unet"), device=dev, dtype=dtype)
         vae = AutoencoderKL.from_pretrained(os.path.join(directory, "vae"), device=dev, dtype=dtype)
         text_encoder = tokenizer = None

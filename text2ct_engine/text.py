@@ -54,6 +54,23 @@ def encode_prompts(encoder: CLIPTextModelWithProjection, tokenizer: CLIPTokenize
     return context.masked_fill(tokens.empty[:, None, None], 0.0)
 
 
+CLIP_CONFIG_KEYS = ("num_attention_heads", "hidden_act", "layer_norm_eps", "eos_token_id")  # what weights cannot tell
+
+
+def check_clip_inputs(path: str, tokenizer_path: str | None, config: dict | None) -> CLIPTokenizer:
+    """What converting the CLIP checkpoint ``path`` needs besides it, checked before it is read: the
+    tokenizer (returned) and the ``--clip-config`` keys; one-line ``ValueError``s."""
+    if tokenizer_path is None:
+        raise ValueError(f"{path}: a CLIP text tower needs its tokenizer: pass --tokenizer tokenizer.json")
+    if not os.path.isfile(tokenizer_path):
+        raise ValueError(f"{tokenizer_path}: no such tokenizer file")
+    unknown = sorted(set(config or {}) - set(CLIP_CONFIG_KEYS))
+    if unknown:
+        raise ValueError(f"{path}: --clip-config: only {', '.join(CLIP_CONFIG_KEYS)} can be set (sizes come from "
+                         f"the weights), got {unknown}")
+    return CLIPTokenizer.from_file(tokenizer_path)
+
+
 def convert_clip_checkpoint(checkpoint: dict, path: str, tokenizer_path: str | None, config: dict | None = None
                             ) -> tuple[CLIPTextModelWithProjection, CLIPTokenizer, str]:
     """A Text2CT CLIP checkpoint (+ its tokenizer.json) -> text tower, tokenizer, and a description.
@@ -62,17 +79,9 @@ def convert_clip_checkpoint(checkpoint: dict, path: str, tokenizer_path: str | N
     ``layer_norm_eps``, ``eos_token_id``) or else CLIP's defaults (64-wide heads, quick_gelu, the
     tokenizer's end-of-text id).
     """
-    if tokenizer_path is None:
-        raise ValueError(f"{path}: a CLIP text tower needs its tokenizer: pass --tokenizer tokenizer.json")
-    if not os.path.isfile(tokenizer_path):
-        raise ValueError(f"{tokenizer_path}: no such tokenizer file")
-    tokenizer = CLIPTokenizer.from_file(tokenizer_path)
+    tokenizer = check_clip_inputs(path, tokenizer_path, config)
     try:
         given = dict(config or {})
-        unknown = sorted(set(given) - {"num_attention_heads", "hidden_act", "layer_norm_eps", "eos_token_id"})
-        if unknown:
-            raise ValueError(f"--clip-config: only num_attention_heads, hidden_act, layer_norm_eps and "
-                             f"eos_token_id can be set (sizes come from the weights), got {unknown}")
         given.setdefault("eos_token_id", tokenizer.eos_id)
         config, state = convert_text2ct_clip_state_dict(checkpoint, **given)
     except ValueError as err:

@@ -2,7 +2,7 @@
 VAE, the 3D CLIP) need, computed without a GPU.
 
     python -m text2ct_engine.memory                      # Text2CT at 512x512x128, bf16, batch 1
-    python -m text2ct_engine.memory --what train --ema --dtype fp32 --json plan.json
+    python -m text2ct_engine.memory --what train --no-ema --dtype fp32 --json plan.json
 
 The networks are built on the meta device and run on *fake* tensors (``FakeTensorMode``): every op computes
 only shapes, dtypes and strides, so a full-size step takes seconds on a CPU. :class:`MemoryTracker` (a

@@ -28,7 +28,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="rows per slab of the exact tiled decode and encode (default 32)")
     p.add_argument("--what", default="all", help="sample, cache (the latent cache's encode), train (the UNet), "
                    "train-vae, train-clip or all (default)")
-    p.add_argument("--ema", action="store_true", help="the UNet's training keeps an fp32 EMA copy of it")
+    p.add_argument("--ema", action=argparse.BooleanOptionalAction, default=True,
+                   help="the UNet's training keeps an fp32 EMA copy of it, as train ldm does by default "
+                        "(--no-ema: as with --ema-decay 0)")
     p.add_argument("--patch", type=int, nargs=3, default=list(VAETrainConfig.patch_size), metavar=("X", "Y", "Z"),
                    help="train vae: patch voxels (default %(default)s)")
     p.add_argument("--clip-volume", type=int, nargs=3, default=list(CLIPTrainConfig.size), metavar=("X", "Y", "Z"),
@@ -96,6 +98,7 @@ def make_setup(args: argparse.Namespace) -> Setup:
 
 
 def record(args: argparse.Namespace, s: Setup, rows: Sequence[PhasePlan], argv: Sequence[str]) -> dict:
+    """The plan as the JSON object ``--json`` writes: settings, every phase, the summary lines."""
     return {"plan": "peak memory on fake tensors (FakeTensorMode), not measured on a GPU",
             "accounting": "live tensor storages rounded to 512 B (like torch.cuda.max_memory_allocated); "
                           "no CUDA context, library workspaces or allocator fragmentation",

@@ -58,21 +58,21 @@ def track(workload: Callable[..., None], *args: Any, fake: bool = True, backend:
 
 
 Workload = Callable[..., None]  # (setup, *networks): one phase, run inside a tracker
-Networks = Callable[[], tuple]  # a phase's networks, built on the meta device
+Networks = Callable[[Setup], tuple]  # a phase's networks for a setup, built on the meta device
 
 
 def run_phase(key: str, name: str, workload: Workload, s: Setup, notes: str = "",
               backend: str = "triton", networks: Networks | None = None) -> PhasePlan:
-    """Plan one phase on fake tensors: ``workload(s, *networks())`` (default ``s.networks``: UNet, VAE, text
+    """Plan one phase on fake tensors: ``workload(s, *networks(s))`` (default ``Setup.networks``: UNet, VAE, text
     tower). If the Triton custom ops' fake path fails, plan with torch ops."""
     start = time.perf_counter()
-    networks = networks or s.networks
+    networks = networks or Setup.networks
     try:
-        tracker = track(workload, s, *networks(), backend=backend)
+        tracker = track(workload, s, *networks(s), backend=backend)
     except Exception as err:  # noqa: BLE001 - any failure of the fake triton path: say so and use torch
         if backend != "triton":
             raise
-        tracker = track(workload, s, *networks(), backend="torch")
+        tracker = track(workload, s, *networks(s), backend="torch")
         notes = f"{notes}; torch ops (triton fake path failed: {type(err).__name__}: {str(err)[:80]})"
         backend = "torch"
     point = tracker.peak_at.get(s.device, PeakPoint())
@@ -87,6 +87,7 @@ def _short(module: str) -> str:
 
 
 def weight_bytes(module: nn.Module, dtype: torch.dtype) -> int:
+    """Bytes of ``module``'s parameters held in ``dtype``."""
     return sum(math.prod(p.shape) for p in module.parameters()) * torch.finfo(dtype).bits // 8
 
 
@@ -116,9 +117,10 @@ class Phase:
 
 
 def _training_phases(s: Setup, key: str, job: str, step: Callable[..., None], networks: Networks | None,
-                     module: nn.Module) -> list[Phase]:
-    """A training step without and with gradient checkpointing (keys ``key``, ``key_ckpt``)."""
-    n = sum(math.prod(p.shape) for p in module.parameters())
+                     *trained: nn.Module) -> list[Phase]:
+    """A training step without and with gradient checkpointing (keys ``key``, ``key_ckpt``) of the networks
+    ``trained`` (their AdamW state in the notes)."""
+    n = sum(math.prod(p.shape) for module in trained for p in module.parameters())
     compute = "" if s.dtype == torch.float32 else f", {_name(s.dtype)} compute"
     static = f"fp32 weights + grads{compute}, AdamW 2x fp32 {8 * n / GIB:.2f} GiB"
     return [Phase(f"{key}_ckpt" if ckpt else key, job + (", grad checkpointing" if ckpt else ""),
@@ -149,13 +151,17 @@ def phases(s: Setup, what: str = "all") -> list[Phase]:
         out += train
     if what in ("train-vae", "all"):
         x, y, z = s.patch
-        out += _training_phases(s, "train_vae", f"train vae: batch {s.batch} of {x}x{y}x{z} patches + "
-                                "discriminator step", vae_training_step, s.vae_training_networks, vae)
+        vae_train = _training_phases(s, "train_vae", f"train vae: batch {s.batch} of {x}x{y}x{z} patches + "
+                                     "discriminator step", vae_training_step, Setup.vae_training_networks,
+                                     *s.vae_training_networks())
+        for phase in vae_train:
+            phase.notes += "; host: the loader's whole volumes, cropped there, not counted"
+        out += vae_train
     if what in ("train-clip", "all"):
         x, y, z = s.clip_volume
         clip, = s.clip_networks()
         out += _training_phases(s, "train_clip", f"train clip: batch {s.clip_batch} of {x}x{y}x{z} volumes, "
-                                f"{s.context_length} tokens", clip_training_step, s.clip_networks, clip)
+                                f"{s.context_length} tokens", clip_training_step, Setup.clip_networks, clip)
     return out
 
 

@@ -72,7 +72,7 @@ class Setup:
     dtype: torch.dtype = torch.bfloat16
     batch: int = 1
     slab: int = 32
-    ema: bool = False
+    ema: bool = True  # the UNet's training keeps an EMA copy (train ldm's default)
     guidance: float = 5.0
     steps: int = 30
     device: str = DEVICE
@@ -92,7 +92,14 @@ class Setup:
             if getattr(self, name) < least:
                 flag = name.replace("_", "-")
                 raise ValueError(f"--{flag} must be at least {least}, got {getattr(self, name)}")
-        unet, vae, _ = self.networks()
+        try:
+            unet, vae, text = self.networks()
+        except ValueError as err:
+            raise ValueError(f"--clip-config: {err}") if "text_config" in str(err) else err from None
+        width = unet.config.cross_attention_dim
+        if text is not None and text.embed_dim != width:
+            raise ValueError(f"--clip-config: the text tower's projection_dim {text.embed_dim} differs from the "
+                             f"UNet's cross_attention_dim {width}: drop it or set {width}")
         pipe = self.pipeline(unet, vae)
         try:
             self.volume = pipe.check_size(self.volume)
@@ -133,7 +140,7 @@ class Setup:
             given.setdefault("projection_dim", projection_dim)
         try:
             return CLIPTextConfig(**{"max_position_embeddings": self.context_length, **given})
-        except TypeError as err:
+        except (TypeError, ValueError) as err:
             raise ValueError(f"invalid text_config ({err})") from None
 
     def vae_training_networks(self) -> tuple[AutoencoderKL, PatchDiscriminator]:
@@ -151,6 +158,7 @@ class Setup:
                              **settings),)
 
     def pipeline(self, unet: DiffusionUNet, vae: AutoencoderKL) -> Text2CTPipeline:
+        """The sampling pipeline of these networks at the planned volume (its scheduler and checks)."""
         return Text2CTPipeline(unet, vae, PipelineConfig(size=tuple(self.volume)))
 
     def unet_inputs(self, unet: DiffusionUNet, batch: int) -> dict[str, torch.Tensor]:
@@ -342,7 +350,11 @@ def clip_training_step(s: Setup, clip: CLIP3D, checkpointing: bool = False) -> N
     ``s.clip_volume`` voxels through both towers, the symmetric InfoNCE, backward, AdamW (weights as in
     :func:`training_step`)."""
     optimizer, mixed = trainable(s, clip, checkpointing)
-    ids, mask = s.tokens(s.clip_batch)
-    volume = volume_layout(torch.zeros((s.clip_batch, 1, *s.clip_volume), device=s.host)).to(s.device)
-    backward_in(clip, s.dtype if mixed else None, lambda: clip(ids, volume.to(s.dtype), mask).loss)
+    volumes = torch.zeros((s.clip_batch, 1, *s.clip_volume), device=s.host)  # the loader's batch, on the host
+
+    def loss() -> torch.Tensor:  # as clip_loss: tokens and the device copy of the volumes live only in here
+        ids, mask = s.tokens(s.clip_batch)
+        volume = volume_layout(volumes).to(s.device)
+        return clip(ids, volume.to(s.dtype), mask).loss
+    backward_in(clip, s.dtype if mixed else None, loss)
     optimizer.step()
