@@ -234,6 +234,16 @@ def test_convert_with_text2ct_clip_checkpoint(checkpoints, capsys):
     ids = tok.encode(prompt)
     with torch.no_grad():
         torch.testing.assert_close(pipe.encode_prompts(prompt), encoder.encode_context(ids.input_ids))
+    # a tokenizer smaller than the tower's table is taken, with a warning (a tower's own fills its table)
+    from text2ct_engine.tokenizer import CLIPTokenizer
+    from tiny_models import REPORTS
+    CLIPTokenizer.train(REPORTS, vocab_size=270, min_frequency=1, context_length=64).save(tmp / "small.json")
+    capsys.readouterr()
+    assert run(tmp, "--out", str(tmp / "m3"), "--clip", str(tmp / "clip.pt"), "--tokenizer",
+               str(tmp / "small.json"), "--clip-config", str(tmp / "clip.json")) == 0
+    warned = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning: ")]
+    expected = f"has 270 tokens, the text tower of {tmp / 'clip.pt'} embeds {tok.vocab_size}"
+    assert len(warned) == 1 and expected in warned[0], warned
     # a CLIP checkpoint without its tokenizer is refused in one line
     assert run(tmp, "--out", str(tmp / "m2"), "--clip", str(tmp / "clip.pt")) == 2
     assert "needs its tokenizer" in capsys.readouterr().err

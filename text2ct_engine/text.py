@@ -7,6 +7,7 @@ unconditional sampling, gets the all-zero context that classifier-free guidance 
 from __future__ import annotations
 
 import os
+import warnings
 from typing import Sequence
 
 import torch
@@ -91,4 +92,8 @@ def convert_clip_checkpoint(checkpoint: dict, path: str, tokenizer_path: str | N
     encoder.load_hf_state_dict(state)
     tokenizer = CLIPTokenizer.from_file(tokenizer_path, context_length=config.max_position_embeddings)
     check_text_side(encoder, tokenizer, path)
+    if tokenizer.vocab_size < config.vocab_size:  # fits the table, but a tower's own tokenizer fills it
+        warnings.warn(f"{tokenizer_path} has {tokenizer.vocab_size} tokens, the text tower of {path} embeds "
+                      f"{config.vocab_size}: unless it is the tokenizer that tower was trained with, prompts "
+                      f"will be encoded wrongly")
     return encoder.eval(), tokenizer, f"a {config.num_hidden_layers}-layer text tower ({config.hidden_size} wide)"
