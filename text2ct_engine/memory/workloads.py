@@ -94,8 +94,10 @@ class Setup:
                 raise ValueError(f"--{flag} must be at least {least}, got {getattr(self, name)}")
         try:
             unet, vae, text = self.networks()
-        except ValueError as err:
-            raise ValueError(f"--clip-config: {err}") if "text_config" in str(err) else err from None
+        except ValueError as err:  # the text tower's settings come from --clip-config; the rest pass on
+            if "text_config" not in str(err):
+                raise
+            raise ValueError(f"--clip-config: {err}") from None
         width = unet.config.cross_attention_dim
         if text is not None and text.embed_dim != width:
             raise ValueError(f"--clip-config: the text tower's projection_dim {text.embed_dim} differs from the "
