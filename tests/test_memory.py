@@ -170,8 +170,10 @@ def test_cli_prints_the_table_and_writes_json(tmp_path, capsys):
     unet, vae, out = tmp_path / "unet.json", tmp_path / "vae.json", tmp_path / "plan.json"
     unet.write_text(json.dumps(UNET))
     vae.write_text(json.dumps(VAE))
+    (tmp_path / "clip.json").write_text(json.dumps(CLIP))
+    tiny_clip = ["--clip-config", str(tmp_path / "clip.json"), "--context-length", "9"]
     rc = main(["--unet-config", str(unet), "--vae-config", str(vae), "--volume", "32", "32", "16", "--slab", "4",
-               "--what", "sample", "--json", str(out)])
+               "--what", "sample", "--json", str(out), *tiny_clip])
     text = capsys.readouterr().out
     assert rc == 0
     assert "device peak GiB" in text and "not measured on a GPU" in text and "tiled decode" in text
@@ -182,7 +184,7 @@ def test_cli_prints_the_table_and_writes_json(tmp_path, capsys):
     assert all(p["device_bytes"] > 0 for p in plan["phases"])
     # an existing --json file is kept unless --force is given
     argv = ["--unet-config", str(unet), "--vae-config", str(vae), "--volume", "32", "32", "16", "--slab", "4",
-            "--what", "sample", "--json", str(out)]
+            "--what", "sample", "--json", str(out), *tiny_clip]
     out.write_text("kept")
     assert main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
