@@ -89,6 +89,26 @@ def test_same_seed_same_run_and_resume_is_bit_exact(made, tmp_path, capsys):
     assert scale[0] == scale[1]
 
 
+def test_resume_needs_no_setting_typed_again(made, tmp_path, capsys):
+    typed = ["--lr", "3e-4", "--cond-drop-prob", "0.25", "--no-gradient-checkpointing", "--save-every", "2"]
+    assert train_main(ldm_args(made, tmp_path / "a", "--steps", "4", *typed)) == 0
+    assert train_main(ldm_args(made, tmp_path / "b", "--steps", "2", *typed)) == 0
+    capsys.readouterr()
+    bare = ["ldm", "--model", str(made / "base"), "--data", str(made / "cache"), "--out", str(tmp_path / "b"),
+            "--resume"]
+    assert train_main([*bare, "--steps", "4"]) == 0  # batch size, lr, ..., auto's scale factor: the run's
+    out = capsys.readouterr().out
+    assert "the run's settings" in out and "batch_size 2" in out and "lr 0.0003" in out, out
+    assert "steps" not in out.split("the run's settings")[1].splitlines()[0]  # typed: not taken
+    assert "of the resumed run" in out
+    assert loss_rows(tmp_path / "a") == loss_rows(tmp_path / "b")
+    assert same_checkpoint_weights(tmp_path / "a", tmp_path / "b")
+    line = error_line(capsys, [*bare, "--steps", "6", "--lr", "1e-3"])  # a typed change to the math: refused
+    assert "lr 0.0003 -> 0.001" in line
+    line = error_line(capsys, [*bare, "--steps", "6", "--scale-factor", "0.5"])
+    assert "scale_factor" in line
+
+
 def test_auto_scale_factor_comes_from_the_checkpoint_on_resume(made, tmp_path):
     assert train_main(ldm_args(made, tmp_path, "--steps", "1")) == 0
     state = tmp_path / "checkpoint" / "state.json"

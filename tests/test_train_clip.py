@@ -188,7 +188,10 @@ def test_cli_trains_extends_and_resumes(data, tmp_path, capsys):
     assert "recall top-1" in capsys.readouterr().out
     assert train_main([*base, "--out", str(tmp_path / "b"), "--steps", "6"]) == 2
     assert "--resume" in capsys.readouterr().err
-    assert train_main([*base, "--out", str(tmp_path / "b"), "--steps", "6", "--resume"]) == 0
+    # the run's settings, model and tokenizer: no --config or --tokenizer needed again
+    assert train_main(["clip", "--data", str(data / "data"), "--out", str(tmp_path / "b"), "--steps", "6",
+                       "--resume"]) == 0
+    assert "lr_schedule constant" in capsys.readouterr().out
     a, b = (load_file(tmp_path / run / "checkpoint" / "model.safetensors") for run in "ab")
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert [json.loads(line)["step"] for line in (tmp_path / "b" / "loss.jsonl").read_text().splitlines()] \

@@ -5,7 +5,8 @@
 
 ``--model`` supplies the networks (its UNet is fine-tuned, or re-initialised with ``--from-scratch``; the
 VAE and text tower stay frozen); ``out/model`` is the trained model directory, ``out/checkpoint`` the
-resumable state (``--resume``), ``out/loss.jsonl`` the loss log.
+resumable state (``--resume``: every trainer continues with the checkpoint's settings, over which typed
+flags go; a typed change to the math is refused), ``out/loss.jsonl`` the loss log.
 
 ``python -m text2ct_engine.train clip``: train the 3D CLIP (volume + report towers, InfoNCE) on paired data::
 
@@ -30,7 +31,7 @@ from torch.utils.data import Dataset
 from ..cli import Parser, run_guarded, path as cli_path
 from ..pipeline import Text2CTPipeline, available_device
 from .clip import add_parser as add_clip_parser
-from .common import add_config_flags, add_run_flags, checkpoint_state
+from .common import add_config_flags, add_run_flags, checkpoint_state, run_settings
 from .ldm import LDMTrainConfig, sample_scale_factor, train_ldm
 from .vae import add_parser as add_vae_parser
 
@@ -94,9 +95,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                      help="model directory with unet/, vae/, clip/, tokenizer.json")
     add_run_flags(ldm, data_help="latent cache directory (python -m text2ct_engine.data.cache)")
     ldm.add_argument("--from-scratch", action="store_true", help="re-initialise the UNet instead of fine-tuning")
-    ldm.add_argument("--scale-factor", default="model",
-                     help="'model' (from pipeline.json), 'auto' (1/std of the cached latents, drawn from --seed; "
-                          "a resume keeps the run's) or a number")
+    ldm.add_argument("--scale-factor",
+                     help="'model' (from pipeline.json; the default, but a resume keeps the run's), 'auto' (1/std "
+                          "of the cached latents, drawn from --seed; a resume keeps the run's) or a number")
     ldm.add_argument("--allow-other-vae", action="store_true",
                      help="train on a cache that another VAE than --model's encoded")
     add_config_flags(ldm, LDMTrainConfig, helps={"ema_decay": "default 0.999; 0 turns EMA off"})
@@ -106,7 +107,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def run(args: argparse.Namespace) -> None:
-    cfg = LDMTrainConfig(**{k: getattr(args, k) for k in vars(LDMTrainConfig())})
+    cfg = LDMTrainConfig(**run_settings(args, LDMTrainConfig))
     cfg.ema_decay = cfg.ema_decay or None
     cfg.validate()
     device = available_device(args.device)
@@ -126,14 +127,15 @@ def run(args: argparse.Namespace) -> None:
 
 
 def scale_factor(args: argparse.Namespace, data: Dataset, seed: int, model_value: float) -> float:
-    """The --scale-factor to train with: the model's, a number, or 'auto' (the resumed run's, else measured)."""
-    if args.scale_factor == "model":
+    """The --scale-factor to train with: the resumed run's unless a number or 'model' is typed, else the model's
+    (the default), a number, or 'auto' (measured)."""
+    saved = (checkpoint_state(args.out) or {}).get("config", {}).get("scale_factor") if args.resume else None
+    if saved is not None and args.scale_factor in (None, "auto"):
+        print(f"scale_factor {saved:.6g} of the resumed run")
+        return float(saved)
+    if args.scale_factor in (None, "model"):
         return model_value
     if args.scale_factor == "auto":
-        saved = (checkpoint_state(args.out) or {}).get("config", {}).get("scale_factor") if args.resume else None
-        if saved is not None:
-            print(f"scale_factor {saved:.6g} of the resumed run")
-            return float(saved)
         value, n = sample_scale_factor(data, seed)
         print(f"scale_factor {value:.6g} from {n} cached latents")
         return value

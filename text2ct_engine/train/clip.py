@@ -42,8 +42,8 @@ from ..text import CLIP_DIR, TOKENIZER_FILE, check_text_side, save_text_side
 from ..tokenizer import CLIPTokenizer
 from .common import (EMA, LossLog, TruncationNote, add_config_flags, add_run_flags, apply_gradients, autocast_enabled,
                      bf16_autocast, check_batch_size, check_intervals, check_optimizer_settings, checkpoint_state,
-                     for_device, held_out_split, load_training_state, open_run, resumable_batches, save_training_state,
-                     typed_settings, warmup_schedule)
+                     for_device, held_out_split, load_training_state, open_run, resumable_batches, run_settings,
+                     save_training_state, typed_settings, warmup_schedule)
 
 # settings a resume may change (they do not change the math); so may steps, with a constant lr schedule
 FREE_ON_RESUME = ("log_every", "save_every", "eval_every", "num_workers", "gradient_checkpointing")
@@ -415,9 +415,9 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
                                   "tower alone gets a fresh volume tower (default: a fresh CLIP3D)")
     p.add_argument("--config", help="JSON file of training settings (the options below, with underscores) and "
                                     "an optional \"model\" object of CLIP3D settings for a fresh model")
-    # unset flags fall back to --config, then the dataclass
+    # unset flags fall back to --config, then (on --resume) the run's settings, then the dataclass
     add_config_flags(p, CLIPTrainConfig, choices={"lr_schedule": ("cosine", "constant"), "resize": ("resize", "crop_pad")},
-                     elem_types={"size": int, "spacing": float}, suppress_defaults=True)
+                     elem_types={"size": int, "spacing": float})
     p.set_defaults(run=run)
     return p
 
@@ -453,8 +453,7 @@ def run(args: argparse.Namespace) -> None:
     from ..pipeline import available_device
 
     train_settings, model_settings = read_settings(args.config)
-    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(CLIPTrainConfig) if hasattr(args, f.name)}
-    cfg = CLIPTrainConfig(**{**train_settings, **given})
+    cfg = CLIPTrainConfig(**run_settings(args, CLIPTrainConfig, train_settings))
     cfg.validate()
     device = available_device(args.device)
     train, held = held_out_split(args.data, cfg.size, cfg.spacing, cfg.resize, cfg.eval_size)

@@ -197,11 +197,36 @@ def check_resumed_config(saved: dict | None, current: dict, free: Sequence[str])
     if not saved:
         return
     now = json.loads(json.dumps(current))
-    changed = [k for k in now if k not in free and k in saved and saved[k] != now[k]]
+    changed = [k for k in now if k not in free and k in saved and json.loads(json.dumps(saved[k])) != now[k]]
     if changed:
-        diff = ", ".join(f"{k} {saved[k]!r} -> {now[k]!r}" for k in changed)
+        diff = ", ".join(f"{k} {shown_setting(saved[k])} -> {shown_setting(now[k])}" for k in changed)
         raise ValueError(f"cannot resume with other settings than the run started with ({diff}): resume with "
                          f"the run's settings, or start a new run in another --out")
+
+
+def run_settings(args: argparse.Namespace, config_cls: type, file_settings: dict[str, Any] | None = None,
+                 log: Callable[[str], None] = print) -> dict[str, Any]:
+    """The settings of a training command, as keyword arguments of the dataclass ``config_cls``: on
+    ``--resume`` the checkpoint's (so that a resume needs no setting typed again), over them ``file_settings``
+    (a ``--config`` file), over those the flags typed (:func:`add_config_flags`); the rest take the
+    dataclass's defaults. The settings taken from the checkpoint that differ from the defaults are logged."""
+    names = [f.name for f in dataclasses.fields(config_cls)]
+    given = {**(file_settings or {}), **{k: getattr(args, k) for k in names if hasattr(args, k)}}
+    saved: dict[str, Any] = {}
+    if args.resume:
+        raw = (checkpoint_state(args.out) or {}).get("config") or {}
+        saved = typed_settings({k: v for k, v in raw.items() if k in names}, config_cls,
+                               f"{os.path.join(args.out, 'checkpoint', 'state.json')}")
+        defaults = config_cls()
+        taken = [f"{k} {shown_setting(v)}" for k, v in saved.items() if k not in given and v != getattr(defaults, k)]
+        if taken:
+            log(f"--resume: the run's settings {', '.join(taken)}")
+    return {**saved, **given}
+
+
+def shown_setting(value: Any) -> str:
+    """A setting as a command line would type it."""
+    return " ".join(map(str, value)) if isinstance(value, (tuple, list)) else str(value)
 
 
 def typed_settings(raw: dict[str, Any], config_cls: type, where: str) -> dict[str, Any]:
@@ -384,19 +409,17 @@ def add_run_flags(parser: argparse.ArgumentParser, data_help: str = CTRATE_DATA_
 
 
 def add_config_flags(parser: argparse.ArgumentParser, config_cls: type, *, choices: dict | None = None,
-                     helps: dict | None = None, elem_types: dict | None = None,
-                     suppress_defaults: bool = False) -> None:
+                     helps: dict | None = None, elem_types: dict | None = None) -> None:
     """One command-line flag per field of a training-config dataclass: ``--field-name`` (booleans that
     default on: ``--no-field-name``; tuples: three values). ``elem_types`` gives the element type of tuple
-    fields whose default is None; ``suppress_defaults`` leaves unset flags out of the namespace (so a
-    config file can fill them)."""
+    fields whose default is None. Flags not typed stay out of the namespace, so that a resumed run's
+    settings or a config file can fill them (:func:`run_settings`)."""
     defaults = config_cls()
     choices = {"mixed_precision": PRECISIONS, **(choices or {})}
     for f in dataclasses.fields(config_cls):
         value, name = getattr(defaults, f.name), f.name.replace("_", "-")
-        shown = "on" if value is True else "none" if value is None else \
-            " ".join(map(str, value)) if isinstance(value, tuple) else value
-        kw = {"default": argparse.SUPPRESS if suppress_defaults else value,
+        shown = "on" if value is True else "none" if value is None else shown_setting(value)
+        kw = {"default": argparse.SUPPRESS,
               "help": (helps or {}).get(f.name, f"default: {shown}")}
         if isinstance(value, bool):
             parser.add_argument(f"--no-{name}", dest=f.name, action="store_false", **kw)

@@ -23,7 +23,7 @@ import math
 import os
 import time
 from dataclasses import asdict, dataclass
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -35,9 +35,11 @@ from ..io_utils import atomic_dir
 from ..models.discriminator import ADV_LOSSES, PatchDiscriminator, discriminator_adv_loss, generator_adv_loss
 from ..models.vae import AutoencoderKL, AutoencoderKLConfig
 from .common import (EMA, LossLog, add_config_flags, add_run_flags, apply_gradients, bf16_autocast, check_batch_size,
-                     check_intervals, check_optimizer_settings, checkpoint_state, for_device, held_out_split,
-                     load_training_state, open_run, resumable_batches, save_training_state, warmup_schedule)
+                     check_intervals, check_optimizer_settings, check_resumed_config, checkpoint_state, for_device,
+                     held_out_split, load_training_state, open_run, resumable_batches, run_settings,
+                     save_training_state, shown_setting, warmup_schedule)
 
+DATA_DEFAULTS = {"size": (512, 512, 128), "spacing": (0.75, 0.75, 3.0), "mode": "crop_pad"}  # of the CLI's volumes
 DISC_DIR = "discriminator"  # the discriminator's resumable state, inside out/checkpoint
 FREE_ON_RESUME = ("steps", "log_every", "save_every", "eval_every", "eval_slab", "num_workers",
                   "gradient_checkpointing")  # settings a resume may change: they do not change the math
@@ -174,13 +176,14 @@ def fresh_vae(config: AutoencoderKLConfig, seed: int = 0) -> AutoencoderKL:
 def train_vae(vae: AutoencoderKL, dataset: Dataset, cfg: VAETrainConfig, out_dir: str,
               val_volumes: Sequence[torch.Tensor] = (), hu_window: Sequence[float] = (-1000, 1000),
               resume: bool = False, collate_fn: Callable | None = None,
-              log: Callable[[str], None] = print) -> LossLog:
+              log: Callable[[str], None] = print, data_settings: dict | None = None) -> LossLog:
     """Train ``vae`` (on its device) on ``dataset`` items ``{"volume": (1, X, Y, Z) in [0, 1]}``.
 
     ``collate_fn`` may return ``volume=None`` for a batch of only unreadable files: that step is skipped.
     ``out_dir/checkpoint`` holds the resumable state (every ``save_every`` steps and at the end, with the
     discriminator and its optimizer under ``discriminator/``), ``out_dir/model`` the finished VAE (EMA
-    weights when kept), ``out_dir/loss.jsonl`` the training and held-out rows.
+    weights when kept), ``out_dir/loss.jsonl`` the training and held-out rows. ``data_settings`` (how the
+    volumes were made, JSON) is recorded in the checkpoint's ``state.json`` under ``data``.
     """
     cfg.validate(vae)
     device = next(vae.parameters()).device
@@ -244,7 +247,8 @@ def train_vae(vae: AutoencoderKL, dataset: Dataset, cfg: VAETrainConfig, out_dir
             with atomic_dir(ckpt_dir) as tmp:  # replaced as a whole, discriminator included
                 if disc is not None:
                     save_training_state(os.path.join(tmp, DISC_DIR), done, disc, d_opt, None)
-                save_training_state(tmp, done, vae, optimizer, ema, {"config": asdict(cfg), "vae": asdict(vae.config)})
+                run = {"config": asdict(cfg), "vae": asdict(vae.config), **({"data": data_settings} if data_settings else {})}
+                save_training_state(tmp, done, vae, optimizer, ema, run)
     vae.eval().set_gradient_checkpointing(False)
     with ema.applied(vae) if ema is not None else contextlib.nullcontext(), atomic_dir(model_dir) as tmp:
         vae.save_pretrained(tmp)
@@ -303,10 +307,10 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--res-blocks", type=int, help="fresh VAE: ResBlocks per level (default 2)")
     p.add_argument("--latent-channels", type=int, help="fresh VAE: latent channels (default 4)")
     p.add_argument("--norm-groups", type=int, help="fresh VAE: GroupNorm groups (default 32)")
-    p.add_argument("--size", type=int, nargs=3, default=(512, 512, 128), metavar=("X", "Y", "Z"),
-                   help="volumes are resampled to --spacing and cropped/padded to this size")
-    p.add_argument("--spacing", type=float, nargs=3, default=(0.75, 0.75, 3.0), metavar=("SX", "SY", "SZ"))
-    p.add_argument("--mode", choices=("crop_pad", "resize"), default="crop_pad")
+    p.add_argument("--size", type=int, nargs=3, metavar=("X", "Y", "Z"),
+                   help="volumes are resampled to --spacing and cropped/padded to this size (default 512 512 128)")
+    p.add_argument("--spacing", type=float, nargs=3, metavar=("SX", "SY", "SZ"), help="default 0.75 0.75 3.0")
+    p.add_argument("--mode", choices=("crop_pad", "resize"), help="default crop_pad")
     p.add_argument("--val", type=int, default=4, help="held-out whole volumes scored every --eval-every steps")
     add_config_flags(p, VAETrainConfig, choices={"adv_loss": ADV_LOSSES},
                      helps={"adv_weight": "default 0.1 on CUDA, 0 (off) on CPU", "ema_decay": "default: no EMA"})
@@ -331,6 +335,10 @@ def build_vae(args: argparse.Namespace, seed: int) -> AutoencoderKL:
         raise ValueError("--init fine-tunes a VAE as it is: drop --channels/--res-blocks/--latent-channels/"
                          "--norm-groups, or drop --init to train a fresh VAE")
     if saved is not None:
+        typed = {k: v for k, v in overrides.items() if k != "attention_levels"}
+        if args.res_blocks is None:
+            typed.pop("num_res_blocks", None)
+        check_resumed_config(asdict(saved), typed, free=())  # a typed layout must be the run's
         return fresh_vae(saved, seed)  # the checkpoint's weights are loaded by train_vae
     if args.init:
         from ..data.cache import load_vae
@@ -342,16 +350,32 @@ def run(args: argparse.Namespace) -> None:
     from ..data.ctrate import collate
     from ..pipeline import available_device
 
-    cfg = VAETrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(VAETrainConfig)})
+    cfg = VAETrainConfig(**run_settings(args, VAETrainConfig))
     cfg = dataclasses.replace(cfg, patch_size=tuple(cfg.patch_size), ema_decay=cfg.ema_decay or None)
     if args.val < 0:
         raise ValueError(f"--val must be 0 or more, got {args.val}")
+    data = data_settings(args)
     vae = build_vae(args, cfg.seed).to(available_device(args.device))
     f = vae.config.downsample_factor
-    if any(s % f for s in args.size) or any(p > s for p, s in zip(cfg.patch_size, args.size)):
-        raise ValueError(f"--size {tuple(args.size)} must be multiples of the VAE's factor {f} and at least "
+    if any(s % f for s in data["size"]) or any(p > s for p, s in zip(cfg.patch_size, data["size"])):
+        raise ValueError(f"--size {data['size']} must be multiples of the VAE's factor {f} and at least "
                          f"--patch-size {cfg.patch_size}")
-    train, held, window = load_data(args.data, args.size, args.spacing, args.mode, args.val)
+    train, held, window = load_data(args.data, data["size"], data["spacing"], data["mode"], args.val)
     print(f"{len(train)} training volumes, {len(held)} held out; VAE "
           f"{sum(p.numel() for p in vae.parameters()) / 1e6:.2f} M parameters")
-    train_vae(vae, train, cfg, args.out, held, window, resume=args.resume, collate_fn=collate)
+    train_vae(vae, train, cfg, args.out, held, window, resume=args.resume, collate_fn=collate, data_settings=data)
+
+
+def data_settings(args: argparse.Namespace) -> dict[str, Any]:
+    """--size, --spacing and --mode: as typed, else (on --resume) the run's, else the defaults. A resume that
+    changes them (the training volumes) is refused, as a changed training setting is."""
+    def plain(settings: dict) -> dict:
+        return {k: tuple(v) if isinstance(v, list) else v for k, v in settings.items() if v is not None}
+
+    typed = plain({k: getattr(args, k) for k in DATA_DEFAULTS})
+    saved = plain((checkpoint_state(args.out) or {}).get("data") or {}) if args.resume else {}
+    check_resumed_config(saved, typed, free=())
+    taken = {k: v for k, v in saved.items() if k not in typed}
+    if taken:
+        print("--resume: the run's data settings " + ", ".join(f"{k} {shown_setting(v)}" for k, v in taken.items()))
+    return {**DATA_DEFAULTS, **saved, **typed}
