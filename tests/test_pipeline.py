@@ -282,3 +282,22 @@ def test_a_cuda_index_past_the_machines_devices_is_one_value_error(monkeypatch):
     with pytest.raises(ValueError, match=r"--device cuda:2 asked for, but this machine has 2 CUDA device\(s\), "
                                          r"cuda:0 to cuda:1"):
         available_device("cuda:2")
+
+
+def test_the_vae_loads_on_its_own_device(tmp_path, monkeypatch):
+    from text2ct_engine.models import AutoencoderKL
+    tiny_pipeline().save_pretrained(tmp_path / "m")
+    seen, real = [], AutoencoderKL.from_pretrained.__func__
+
+    def spy(cls, directory, device="cpu", dtype=None):  # records where the pipeline asks for the VAE
+        seen.append(torch.device(device))
+        return real(cls, directory, "cpu", dtype)
+
+    monkeypatch.setattr(AutoencoderKL, "from_pretrained", classmethod(spy))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # a GPU machine, as far as the checks see
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    Text2CTPipeline.from_pretrained(tmp_path / "m", device="cpu", vae_device="cuda")
+    Text2CTPipeline.from_pretrained(tmp_path / "m", device="cpu")
+    assert seen == [torch.device("cuda"), torch.device("cpu")]
+    with pytest.raises(ValueError, match="device cuda:3 asked for, but this machine has 1 CUDA device"):
+        Text2CTPipeline.from_pretrained(tmp_path / "m", device="cpu", vae_device="cuda:3")

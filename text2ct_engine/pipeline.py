@@ -170,8 +170,13 @@ class Text2CTPipeline:
     # ------------------------------------------------------------------ directories
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike, device: str | torch.device | None = None,
-                        dtype: torch.dtype | None = None) -> "Text2CTPipeline":
-        """Load a model directory; raises ``ValueError`` with one line naming what is missing or wrong."""
+                        dtype: torch.dtype | None = None, vae_device: str | torch.device | None = None
+                        ) -> "Text2CTPipeline":
+        """Load a model directory; raises ``ValueError`` with one line naming what is missing or wrong.
+
+        ``vae_device`` loads the VAE elsewhere than the rest (e.g. ``"cpu"`` for training on cached latents,
+        which never runs it); default: ``device``.
+        """
         directory = os.fspath(directory)
         if not os.path.isdir(directory):
             raise ValueError(f"model directory {directory} does not exist")
@@ -180,11 +185,13 @@ class Text2CTPipeline:
             raise ValueError(f"{directory} is not a model directory: {PIPELINE_FILE} is missing")
         config = PipelineConfig.from_file(path)
         dev = resolve_device(device)
-        problem = cuda_problem(dev)
-        if problem is not None:
-            raise ValueError(f"device {device} asked for, but {problem}")
+        vae_dev = dev if vae_device is None else resolve_device(vae_device)
+        for asked, resolved in ((device, dev), (vae_device, vae_dev)):
+            problem = cuda_problem(resolved)
+            if problem is not None:
+                raise ValueError(f"device {asked} asked for, but {problem}")
         unet = DiffusionUNet.from_pretrained(os.path.join(directory, "unet"), device=dev, dtype=dtype)
-        vae = AutoencoderKL.from_pretrained(os.path.join(directory, "vae"), device=dev, dtype=dtype)
+        vae = AutoencoderKL.from_pretrained(os.path.join(directory, "vae"), device=vae_dev, dtype=dtype)
         text_encoder = tokenizer = None
         if has_text_encoder(directory):
             from .text import load_text_side

@@ -112,10 +112,10 @@ def run(args: argparse.Namespace) -> None:
     cfg.validate()
     device = available_device(args.device)
     data = CachedLatents(args.data)
-    pipe = Text2CTPipeline.from_pretrained(args.model, device=device)
+    # training on cached latents never runs the VAE: its weights stay in host RAM, off the GPU
+    pipe = Text2CTPipeline.from_pretrained(args.model, device=device, vae_device="cpu")
     if pipe.text_encoder is None:
         raise ValueError(f"{args.model} has no text encoder (clip/ + tokenizer.json) to condition on")
-    pipe.vae.to("cpu")  # training on cached latents never runs the VAE: its weights stay off the GPU
     data.check_fits(pipe, args.model, args.allow_other_vae)
     if args.from_scratch:  # a fresh UNet drawn from --seed, so the run can be repeated
         with torch.random.fork_rng(devices=[]):
