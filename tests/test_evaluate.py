@@ -201,6 +201,17 @@ def test_clip_score_and_recall_with_a_tiny_clip(work):
     assert -1.0 <= gen["clip_score"] <= 1.0 and 0.0 <= gen["top1"] <= 1.0
 
 
+def test_one_truncation_note_for_both_volume_sets(work):
+    from text2ct_engine.train.common import TruncationNote
+    model, tok = load_clip(str(work / "clip"))
+    long = [" ".join(["Findings: pleural effusion on the right."] * 120)] * 3  # past the 512-token context
+    logged = []
+    note = TruncationNote(logged.append)
+    first = text_embeddings(model, tok, long, batch_size=2, note=note)  # the generated set, then the real one
+    again = text_embeddings(model, tok, long, batch_size=2, note=note)
+    assert len(logged) == 1 and "truncated" in logged[0] and np.array_equal(first, again)
+
+
 # ------------------------------------------------------------------------------------------- CLI
 def test_cli_on_phantoms_against_themselves(phantom_run, capsys):
     m = phantom_run["metrics"]

@@ -111,10 +111,11 @@ def volume_features(model: CLIP3D, volume: torch.Tensor) -> tuple[np.ndarray, np
 
 @torch.no_grad()
 def text_embeddings(model: CLIP3D, tokenizer: CLIPTokenizer, texts: Sequence[str], batch_size: int = 16,
-                    log=print) -> np.ndarray:
-    """(N, P) L2-normalised text embeddings; long reports are truncated (one note)."""
+                    log=print, note: TruncationNote | None = None) -> np.ndarray:
+    """(N, P) L2-normalised text embeddings; long reports are truncated (one note, or none more if ``note``,
+    shared with other calls, was given)."""
     device = next(model.parameters()).device
-    note, out = TruncationNote(log), []
+    note, out = note or TruncationNote(log), []
     for i in range(0, len(texts), batch_size):
         with note.watch():
             tokens = tokenizer.encode(list(texts[i:i + batch_size]), allow_empty=True).to(device)

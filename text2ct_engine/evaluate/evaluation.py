@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from ..train.clip import clip_dir_of, read_preprocessing
+from ..train.common import TruncationNote
 from .agreement import findings_agreement
 from .alignment import alignment_scores, load_clip, text_embeddings, volume_features, volume_input
 from .frechet import MIN_SAMPLES, feature_frechet
@@ -131,11 +132,12 @@ def _findings(pairs: list[tuple[Study, Measurement]]) -> dict | None:
     return table
 
 
-def _alignment(model, tokenizer, pairs, batch_size: int, log) -> tuple[dict | None, dict[str, float]]:
+def _alignment(model, tokenizer, pairs, batch_size: int, note: TruncationNote
+               ) -> tuple[dict | None, dict[str, float]]:
     texted = [(s, m) for s, m in pairs if s.text]
     if not texted:
         return None, {}
-    t = text_embeddings(model, tokenizer, [s.text for s, _ in texted], batch_size, log)
+    t = text_embeddings(model, tokenizer, [s.text for s, _ in texted], batch_size, note=note)
     v = np.stack([m.embedding for _, m in texted])
     scores = alignment_scores(t, v)
     scores["without_prompt"] = len(pairs) - len(texted)
@@ -182,8 +184,9 @@ def evaluate(generated: str, real: str, opts: EvalOptions | None = None, log: Ca
     if "findings" in metrics:
         results["findings"] = {"generated": _findings(g), "real": _findings(r)}
     if "clip" in metrics:
-        gen_scores, cosines[0] = _alignment(model, tokenizer, g, opts.batch_size, log)
-        real_scores, cosines[1] = _alignment(model, tokenizer, r, opts.batch_size, log)
+        note = TruncationNote(log)  # one truncation note for both sets
+        gen_scores, cosines[0] = _alignment(model, tokenizer, g, opts.batch_size, note)
+        real_scores, cosines[1] = _alignment(model, tokenizer, r, opts.batch_size, note)
         results["clip"] = {"generated": gen_scores, "real": real_scores}
     return {"generated": gen.describe(), "real": ref.describe(), "labels_matched_by_text": matched,
             "clip": opts.clip, "metrics": results, "skipped_metrics": skipped,
