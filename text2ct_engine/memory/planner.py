@@ -14,6 +14,7 @@ import torch.nn as nn
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 from .. import ops
+from .autocast import AutocastEmulation
 from .tracker import GIB, MemoryTracker, PeakPoint
 from .workloads import (Setup, clip_training_step, decode_step, encode_step, sampling_step, training_step,
                         vae_training_step)
@@ -49,10 +50,11 @@ class PhasePlan:
 def track(workload: Callable[..., None], *args: Any, fake: bool = True, backend: str = "triton"
           ) -> MemoryTracker:
     """Run ``workload(*args)`` under a :class:`MemoryTracker`, on fake tensors when ``fake``, with an ops
-    backend. Build the networks (on the meta device) before: what exists beforehand is not counted."""
+    backend; autocast regions on ``meta`` tensors as CUDA's (:class:`AutocastEmulation`). Build the networks
+    (on the meta device) before: what exists beforehand is not counted."""
     tracker = MemoryTracker()
     tracker.name_modules(*(a for a in args if isinstance(a, nn.Module)))
-    with (FakeTensorMode() if fake else nullcontext()), ops.backend(backend), tracker:
+    with (FakeTensorMode() if fake else nullcontext()), ops.backend(backend), AutocastEmulation("meta"), tracker:
         workload(*args)
     return tracker
 

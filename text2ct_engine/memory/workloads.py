@@ -3,9 +3,10 @@ trainer, written the way the engine's pipeline and training loops run them, on n
 device and materialised inside a tracker."""
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import torch
 import torch.nn as nn
@@ -16,6 +17,7 @@ from ..models.discriminator import PatchDiscriminator
 from ..pipeline import PipelineConfig, Text2CTPipeline
 from ..tiling import tiled_decode, tiled_encode
 from ..train.clip import CLIPTrainConfig, new_clip, volume_layout
+from ..train.common import bf16_autocast
 from ..train.vae import VAETrainConfig, discriminator_loss, vae_loss
 
 TEXT2CT_CONTEXT = 512  # tokens per report of Text2CT's text tower
@@ -38,27 +40,6 @@ def materialize(module: nn.Module, device: str | torch.device, dtype: torch.dtyp
                 new = torch.zeros(t.shape, device=device, dtype=dt)
                 table[name] = nn.Parameter(new, requires_grad=grad) if table is m._parameters else new
     return module
-
-
-def compute_in(module: nn.Module, dtype: torch.dtype) -> list[tuple[nn.Module, str, nn.Parameter]]:
-    """Let ``module`` compute with ``dtype`` copies of its (fp32 master) parameters, as autocast does.
-
-    Gradients flow through the casts into the masters. Returns what :func:`restore_masters` needs.
-    """
-    swapped = []
-    for m in module.modules():
-        for name, p in m._parameters.items():
-            if p is not None and p.is_floating_point():
-                swapped.append((m, name, p))
-    for m, name, p in swapped:
-        m._parameters[name] = p.to(dtype)
-    return swapped
-
-
-def restore_masters(swapped: list[tuple[nn.Module, str, nn.Parameter]]) -> None:
-    """Put the master parameters back (the low-precision copies are freed)."""
-    for m, name, p in swapped:
-        m._parameters[name] = p
 
 
 # ------------------------------------------------------------------------------------------ workloads
@@ -163,13 +144,13 @@ class Setup:
         """The sampling pipeline of these networks at the planned volume (its scheduler and checks)."""
         return Text2CTPipeline(unet, vae, PipelineConfig(size=tuple(self.volume)))
 
-    def unet_inputs(self, unet: DiffusionUNet, batch: int) -> dict[str, torch.Tensor]:
-        """Class label and spacing inputs the UNet takes, as the pipeline passes them."""
+    def unet_inputs(self, unet: DiffusionUNet, batch: int, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+        """Class label and spacing (in ``dtype``) inputs the UNet takes, as the pipeline passes them."""
         extra = {}
         if unet.config.num_class_embeds is not None:
             extra["class_labels"] = torch.ones(batch, dtype=torch.long, device=self.device)
         if unet.config.include_spacing_input:
-            extra["spacing_tensor"] = torch.full((batch, 3), 75.0, device=self.device, dtype=self.dtype)
+            extra["spacing_tensor"] = torch.full((batch, 3), 75.0, device=self.device, dtype=dtype)
         return extra
 
     def tokens(self, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -274,8 +255,8 @@ class AdamW:
 
 def trainable(s: Setup, module: nn.Module, checkpointing: bool) -> tuple[AdamW, bool]:
     """``module`` materialised for training: fp32 master weights when ``s.dtype`` is below fp32 (then the
-    network computes in ``s.dtype``, as bf16 autocast does), gradient checkpointing set, AdamW's state
-    made. Returns the optimizer and whether the step is mixed precision."""
+    forward runs under autocast to ``s.dtype``, as the trainers' bf16 autocast), gradient checkpointing set,
+    AdamW's state made. Returns the optimizer and whether the step is mixed precision."""
     mixed = s.dtype != torch.float32
     materialize(module.train(), s.device, torch.float32 if mixed else s.dtype, requires_grad=True)
     if hasattr(module, "set_gradient_checkpointing"):
@@ -283,14 +264,10 @@ def trainable(s: Setup, module: nn.Module, checkpointing: bool) -> tuple[AdamW, 
     return AdamW(list(module.parameters())), mixed
 
 
-def backward_in(module: nn.Module, dtype: torch.dtype | None, loss_of: Callable[[], torch.Tensor]) -> None:
-    """``loss_of()`` computed with ``module``'s weights in ``dtype`` (None: as they are), then backward into
-    the master weights."""
-    swapped = compute_in(module, dtype) if dtype is not None else []
-    loss = loss_of()
-    loss.backward()
-    del loss
-    restore_masters(swapped)
+def mixed_precision(s: Setup, mixed: bool) -> contextlib.AbstractContextManager:
+    """The trainers' autocast region on the planned device (on ``meta``: :mod:`.autocast`'s emulation of CUDA
+    autocast, which :func:`planner.track` installs)."""
+    return bf16_autocast(torch.device(s.device), mixed, s.dtype)
 
 
 def training_step(s: Setup, unet: DiffusionUNet, vae: AutoencoderKL, text: nn.Module | None = None,
@@ -310,12 +287,11 @@ def training_step(s: Setup, unet: DiffusionUNet, vae: AutoencoderKL, text: nn.Mo
     noise = torch.randn_like(x0)
     t = pipe.scheduler.sample_timesteps(x0)
     xt = pipe.scheduler.add_noise(x0, noise, t)
-    extra = s.unet_inputs(unet, b)
-
-    def loss() -> torch.Tensor:
-        v = unet(xt.to(s.dtype), t.to(s.dtype), context=context.to(s.dtype), **extra)
-        return F.l1_loss(v.float(), pipe.scheduler.velocity_target(x0, noise).float())
-    backward_in(unet, s.dtype if mixed else None, loss)
+    extra = s.unet_inputs(unet, b, torch.float32)
+    with mixed_precision(s, mixed):  # as ldm_loss: fp32 inputs, the UNet under autocast, the L1 loss outside
+        v = unet(xt, t.to(xt.dtype), context=context, **extra)
+    F.l1_loss(v.float(), pipe.scheduler.velocity_target(x0, noise).float()).backward()
+    del v
     optimizer.step()
     with torch.no_grad():
         for e, p in zip(ema, optimizer.params):
@@ -329,21 +305,15 @@ def vae_training_step(s: Setup, vae: AutoencoderKL, disc: PatchDiscriminator, ch
     :func:`training_step`)."""
     optimizer, mixed = trainable(s, vae, checkpointing)
     d_optimizer, _ = trainable(s, disc, False)
-    dtype = s.dtype if mixed else None
     cfg = VAETrainConfig(patch_size=s.patch, adv_weight=0.1)
-    x = torch.zeros((s.batch, 1, *s.patch), device=s.device)
-    held = {}
-
-    def vae_step() -> torch.Tensor:
-        swapped = compute_in(disc, dtype) if dtype is not None else []
-        loss, _, held["recon"] = vae_loss(vae, x.to(s.dtype), cfg, None, disc)
-        restore_masters(swapped)
-        return loss
+    x = torch.zeros((s.batch, 1, *s.patch), device=s.device)  # fp32 patches, as train_vae moves them
     disc.requires_grad_(False)
-    backward_in(vae, dtype, vae_step)
+    loss, _, recon = vae_loss(vae, x, cfg, None, disc, autocast=mixed)
+    loss.backward()
+    del loss
     optimizer.step()
     disc.requires_grad_(True)
-    backward_in(disc, dtype, lambda: discriminator_loss(disc, x.to(s.dtype), held["recon"], cfg.adv_loss))
+    discriminator_loss(disc, x, recon, cfg.adv_loss, autocast=mixed).backward()
     d_optimizer.step()
 
 
@@ -357,6 +327,7 @@ def clip_training_step(s: Setup, clip: CLIP3D, checkpointing: bool = False) -> N
     def loss() -> torch.Tensor:  # as clip_loss: tokens and the device copy of the volumes live only in here
         ids, mask = s.tokens(s.clip_batch)
         volume = volume_layout(volumes).to(s.device)
-        return clip(ids, volume.to(s.dtype), mask).loss
-    backward_in(clip, s.dtype if mixed else None, loss)
+        with mixed_precision(s, mixed):
+            return clip(ids, volume, mask).loss
+    loss().backward()
     optimizer.step()

@@ -266,10 +266,19 @@ def autocast_enabled(mixed_precision: str, device: torch.device) -> bool:
     return mixed_precision == "bf16" or (mixed_precision == "auto" and device.type == "cuda")
 
 
-def bf16_autocast(device: torch.device, enabled: bool) -> contextlib.AbstractContextManager:
-    """``torch.autocast`` to bf16 on ``device``'s type when ``enabled``; otherwise nothing at all (so a
-    disabled autocast also works on devices autocast does not know, such as the memory planner's ``meta``)."""
-    return torch.autocast(device.type, dtype=torch.bfloat16) if enabled else contextlib.nullcontext()
+# device type -> a stand-in for torch.autocast there: (dtype) -> context. The memory planner's emulation of CUDA
+# autocast on its fake ``meta`` device registers itself here while it plans (memory/autocast.py).
+AUTOCAST_STAND_INS: dict[str, Callable[[torch.dtype], contextlib.AbstractContextManager]] = {}
+
+
+def bf16_autocast(device: torch.device, enabled: bool, dtype: torch.dtype = torch.bfloat16
+                  ) -> contextlib.AbstractContextManager:
+    """``torch.autocast`` to bf16 (or ``dtype``) on ``device``'s type when ``enabled`` (or the stand-in that
+    ``AUTOCAST_STAND_INS`` holds for that type); otherwise nothing at all."""
+    if not enabled:
+        return contextlib.nullcontext()
+    stand_in = AUTOCAST_STAND_INS.get(device.type)
+    return stand_in(dtype) if stand_in is not None else torch.autocast(device.type, dtype=dtype)
 
 
 def for_device(cfg: Any, device: torch.device) -> tuple[Any, bool]:
