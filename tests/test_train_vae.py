@@ -141,12 +141,14 @@ def test_cli_trains_fine_tunes_and_reports_bad_input(phantoms, tmp_path, capsys)
     rows = [json.loads(line) for line in (tmp_path / "run" / "loss.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 2] and "val_mae_hu" in rows[-1]
     capsys.readouterr()  # a resume needs no setting typed again: layout, training and data settings are the run's
-    resume = ["vae", "--data", str(phantoms), "--out", str(tmp_path / "run"), "--resume", "--val", "1"]
+    resume = ["vae", "--data", str(phantoms), "--out", str(tmp_path / "run"), "--resume"]
     assert train_main(resume + ["--steps", "3"]) == 0
     out = capsys.readouterr().out
-    assert "patch_size 16 16 16" in out and "size 32 32 16, spacing 10.0 10.0 20.0" in out, out
+    assert "patch_size 16 16 16" in out and "size 32 32 16, spacing 10.0 10.0 20.0, mode crop_pad, val 1" in out, out
     state = json.loads((tmp_path / "run" / "checkpoint" / "state.json").read_text())
-    assert state["step"] == 3 and state["data"] == {"size": list(SIZE), "spacing": list(SPACING), "mode": "crop_pad"}
+    assert state["step"] == 3
+    assert state["data"] == {"size": list(SIZE), "spacing": list(SPACING), "mode": "crop_pad", "val": 1}
+    assert "val 1 -> 2" in err_of(resume + ["--steps", "4", "--val", "2"], capsys)
     assert "size 32 32 16 -> 64 64 32" in err_of(resume + ["--steps", "4", "--size", "64", "64", "32"], capsys)
     assert "num_channels 8 8 16 -> 8 16 16" in err_of(resume + ["--steps", "4", "--channels", "8", "16", "16"], capsys)
     assert train_main(resume + ["--steps", "4", "--channels", "8", "8", "16"]) == 0  # the run's own: fine

@@ -129,7 +129,7 @@ def run(args: argparse.Namespace) -> None:
 def scale_factor(args: argparse.Namespace, data: Dataset, seed: int, model_value: float) -> float:
     """The --scale-factor to train with: the resumed run's unless a number or 'model' is typed, else the model's
     (the default), a number, or 'auto' (measured)."""
-    saved = (checkpoint_state(args.out) or {}).get("config", {}).get("scale_factor") if args.resume else None
+    saved = ((checkpoint_state(args.out) or {}).get("config") or {}).get("scale_factor") if args.resume else None
     if saved is not None and args.scale_factor in (None, "auto"):
         print(f"scale_factor {saved:.6g} of the resumed run")
         return float(saved)

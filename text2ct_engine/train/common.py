@@ -204,6 +204,11 @@ def check_resumed_config(saved: dict | None, current: dict, free: Sequence[str])
                          f"the run's settings, or start a new run in another --out")
 
 
+# settings a trainer resolves for its device ("auto", None): a resume does not take them from the checkpoint,
+# so one on another kind of device that would compute differently is refused (for_device), not switched
+RESOLVED_ON_DEVICE = ("mixed_precision", "adv_weight")
+
+
 def run_settings(args: argparse.Namespace, config_cls: type, file_settings: dict[str, Any] | None = None,
                  log: Callable[[str], None] = print) -> dict[str, Any]:
     """The settings of a training command, as keyword arguments of the dataclass ``config_cls``: on
@@ -215,7 +220,8 @@ def run_settings(args: argparse.Namespace, config_cls: type, file_settings: dict
     saved: dict[str, Any] = {}
     if args.resume:
         raw = (checkpoint_state(args.out) or {}).get("config") or {}
-        saved = typed_settings({k: v for k, v in raw.items() if k in names}, config_cls,
+        inherited = [k for k in names if k not in RESOLVED_ON_DEVICE]
+        saved = typed_settings({k: v for k, v in raw.items() if k in inherited}, config_cls,
                                f"{os.path.join(args.out, 'checkpoint', 'state.json')}")
         defaults = config_cls()
         taken = [f"{k} {shown_setting(v)}" for k, v in saved.items() if k not in given and v != getattr(defaults, k)]
@@ -430,8 +436,8 @@ def add_config_flags(parser: argparse.ArgumentParser, config_cls: type, *, choic
         shown = "on" if value is True else "none" if value is None else shown_setting(value)
         kw = {"default": argparse.SUPPRESS,
               "help": (helps or {}).get(f.name, f"default: {shown}")}
-        if isinstance(value, bool):
-            parser.add_argument(f"--no-{name}", dest=f.name, action="store_false", **kw)
+        if isinstance(value, bool):  # --name and --no-name: a resume may switch either way
+            parser.add_argument(f"--{name}", dest=f.name, action=argparse.BooleanOptionalAction, **kw)
         elif isinstance(value, tuple) or f.name in (elem_types or {}):
             elem = (elem_types or {}).get(f.name) or type(value[0])
             parser.add_argument(f"--{name}", type=elem, nargs=3, metavar=("X", "Y", "Z"), **kw)

@@ -39,7 +39,8 @@ from .common import (EMA, LossLog, add_config_flags, add_run_flags, apply_gradie
                      held_out_split, load_training_state, open_run, resumable_batches, run_settings,
                      save_training_state, shown_setting, warmup_schedule)
 
-DATA_DEFAULTS = {"size": (512, 512, 128), "spacing": (0.75, 0.75, 3.0), "mode": "crop_pad"}  # of the CLI's volumes
+# how the CLI makes its volumes (--val: without a valid split, the held-out volumes leave the training set)
+DATA_DEFAULTS = {"size": (512, 512, 128), "spacing": (0.75, 0.75, 3.0), "mode": "crop_pad", "val": 4}
 DISC_DIR = "discriminator"  # the discriminator's resumable state, inside out/checkpoint
 FREE_ON_RESUME = ("steps", "log_every", "save_every", "eval_every", "eval_slab", "num_workers",
                   "gradient_checkpointing")  # settings a resume may change: they do not change the math
@@ -311,7 +312,8 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
                    help="volumes are resampled to --spacing and cropped/padded to this size (default 512 512 128)")
     p.add_argument("--spacing", type=float, nargs=3, metavar=("SX", "SY", "SZ"), help="default 0.75 0.75 3.0")
     p.add_argument("--mode", choices=("crop_pad", "resize"), help="default crop_pad")
-    p.add_argument("--val", type=int, default=4, help="held-out whole volumes scored every --eval-every steps")
+    p.add_argument("--val", type=int, help="held-out whole volumes scored every --eval-every steps (default 4; "
+                                          "without a valid split they are the last training volumes)")
     add_config_flags(p, VAETrainConfig, choices={"adv_loss": ADV_LOSSES},
                      helps={"adv_weight": "default 0.1 on CUDA, 0 (off) on CPU", "ema_decay": "default: no EMA"})
     p.set_defaults(run=run)
@@ -322,15 +324,15 @@ def build_vae(args: argparse.Namespace, seed: int) -> AutoencoderKL:
     """The VAE to train: the checkpoint's layout on --resume, --init's weights, or a fresh one."""
     overrides = {k: v for k, v in {"num_channels": args.channels, "latent_channels": args.latent_channels,
                                    "norm_num_groups": args.norm_groups}.items() if v is not None}
+    saved = checkpoint_vae_config(args.out) if args.resume else None
     if args.channels or args.res_blocks:
-        n = len(args.channels or AutoencoderKLConfig().num_channels)
+        n = len(args.channels or (saved or AutoencoderKLConfig()).num_channels)
         overrides.update(num_res_blocks=[args.res_blocks or 2] * n, attention_levels=[False] * n)
     sizes = {"--channels": min(args.channels or [1]), "--res-blocks": args.res_blocks,
              "--latent-channels": args.latent_channels, "--norm-groups": args.norm_groups}
     for flag, value in sizes.items():
         if value is not None and value < 1:
             raise ValueError(f"{flag} must be at least 1, got {value}")
-    saved = checkpoint_vae_config(args.out) if args.resume else None
     if args.init and overrides:
         raise ValueError("--init fine-tunes a VAE as it is: drop --channels/--res-blocks/--latent-channels/"
                          "--norm-groups, or drop --init to train a fresh VAE")
@@ -352,28 +354,32 @@ def run(args: argparse.Namespace) -> None:
 
     cfg = VAETrainConfig(**run_settings(args, VAETrainConfig))
     cfg = dataclasses.replace(cfg, patch_size=tuple(cfg.patch_size), ema_decay=cfg.ema_decay or None)
-    if args.val < 0:
-        raise ValueError(f"--val must be 0 or more, got {args.val}")
     data = data_settings(args)
+    if data["val"] < 0:
+        raise ValueError(f"--val must be 0 or more, got {data['val']}")
     vae = build_vae(args, cfg.seed).to(available_device(args.device))
     f = vae.config.downsample_factor
     if any(s % f for s in data["size"]) or any(p > s for p, s in zip(cfg.patch_size, data["size"])):
         raise ValueError(f"--size {data['size']} must be multiples of the VAE's factor {f} and at least "
                          f"--patch-size {cfg.patch_size}")
-    train, held, window = load_data(args.data, data["size"], data["spacing"], data["mode"], args.val)
+    train, held, window = load_data(args.data, data["size"], data["spacing"], data["mode"], data["val"])
     print(f"{len(train)} training volumes, {len(held)} held out; VAE "
           f"{sum(p.numel() for p in vae.parameters()) / 1e6:.2f} M parameters")
     train_vae(vae, train, cfg, args.out, held, window, resume=args.resume, collate_fn=collate, data_settings=data)
 
 
 def data_settings(args: argparse.Namespace) -> dict[str, Any]:
-    """--size, --spacing and --mode: as typed, else (on --resume) the run's, else the defaults. A resume that
-    changes them (the training volumes) is refused, as a changed training setting is."""
+    """--size, --spacing, --mode and --val: as typed, else (on --resume) the run's, else the defaults. A resume
+    that changes them (the training volumes) is refused, as a changed training setting is."""
     def plain(settings: dict) -> dict:
         return {k: tuple(v) if isinstance(v, list) else v for k, v in settings.items() if v is not None}
 
     typed = plain({k: getattr(args, k) for k in DATA_DEFAULTS})
-    saved = plain((checkpoint_state(args.out) or {}).get("data") or {}) if args.resume else {}
+    state = checkpoint_state(args.out) if args.resume else None
+    saved = plain(state.get("data") or {}) if state else {}
+    if state and not saved:
+        print("note: --resume: this checkpoint predates recorded data settings: --size, --spacing, --mode and "
+              "--val must be the run's (defaults otherwise)")
     check_resumed_config(saved, typed, free=())
     taken = {k: v for k, v in saved.items() if k not in typed}
     if taken:
