@@ -95,6 +95,15 @@ def test_unet_training_plan_holds_the_frozen_text_tower():
     assert "frozen fp32 text tower" in next(p.notes for p in phases(s, "train"))
 
 
+def test_ema_offload_moves_the_ema_copy_to_the_host():
+    s, off = tiny(volume=(64, 32, 32)), tiny(volume=(64, 32, 32), ema_offload=True)
+    on_device, offloaded = (run_phase("train", "train", training_step, setup) for setup in (s, off))
+    unet = s.networks()[0]
+    ema = weight_bytes(unet, torch.float32)
+    assert on_device.device_bytes - offloaded.device_bytes >= ema  # the peak loses at least the EMA copy
+    assert offloaded.host_bytes >= ema and on_device.host_bytes == 0
+
+
 def _clip_peak(**kwargs) -> int:
     s = tiny(**kwargs)
     return run_phase("train_clip", "train clip", clip_training_step, s, networks=Setup.clip_networks).device_bytes

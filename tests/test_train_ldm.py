@@ -106,6 +106,9 @@ def test_ema_and_scale_factor():
     with ema.applied(model):
         torch.testing.assert_close(model.weight, before + 1.0)
     torch.testing.assert_close(model.weight, before + 2.0)
+    offloaded = EMA(model.to(torch.float64), decay=0.5, device="meta")  # kept on another device, in fp32
+    offloaded.update(model)
+    assert offloaded.device == torch.device("meta") and offloaded.shadow["weight"].dtype == torch.float32
     lat = torch.randn(10000) * 4.0
     assert compute_scale_factor(lat) == pytest.approx(1 / lat.std().item())
     with pytest.raises(ValueError, match="no spread"):

@@ -31,6 +31,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--ema", action=argparse.BooleanOptionalAction, default=True,
                    help="the UNet's training keeps an fp32 EMA copy of it, as train ldm does by default "
                         "(--no-ema: as with --ema-decay 0)")
+    p.add_argument("--ema-offload", action="store_true", help="the EMA copy in host RAM (train ldm --ema-offload)")
     p.add_argument("--patch", type=int, nargs=3, default=list(VAETrainConfig.patch_size), metavar=("X", "Y", "Z"),
                    help="train vae: patch voxels (default %(default)s)")
     p.add_argument("--clip-volume", type=int, nargs=3, default=list(CLIPTrainConfig.size), metavar=("X", "Y", "Z"),
@@ -87,7 +88,7 @@ def make_setup(args: argparse.Namespace) -> Setup:
     clip = read_config(args.clip_config, "--clip-config")
     try:
         return Setup(unet, vae, volume=args.volume, dtype=DTYPES[args.dtype], batch=args.batch, slab=args.slab,
-                     ema=args.ema, clip_config=clip, context_length=args.context_length, patch=args.patch,
+                     ema=args.ema, ema_offload=args.ema_offload, clip_config=clip, context_length=args.context_length, patch=args.patch,
                      clip_volume=args.clip_volume, clip_batch=args.clip_batch)
     except TypeError as err:  # an unknown network keyword
         raise ValueError(f"network config: {err}") from None
@@ -105,7 +106,7 @@ def record(args: argparse.Namespace, s: Setup, rows: Sequence[PhasePlan], argv: 
             "date": datetime.date.today().isoformat(), "command": " ".join(["python -m text2ct_engine.memory",
                                                                            *argv]),
             "torch": torch.__version__, "volume": list(s.volume), "latent": list(s.latent_shape),
-            "dtype": args.dtype, "batch": s.batch, "slab": s.slab, "ema": s.ema, "patch": list(s.patch),
+            "dtype": args.dtype, "batch": s.batch, "slab": s.slab, "ema": s.ema, "ema_offload": s.ema_offload, "patch": list(s.patch),
             "clip_volume": list(s.clip_volume), "clip_batch": s.clip_batch, "context_length": s.context_length,
             "phases": [{**asdict(r), "device_gib": round(r.device_gib, 3), "host_gib": round(r.host_gib, 3)}
                        for r in rows],

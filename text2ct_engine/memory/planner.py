@@ -148,7 +148,8 @@ def phases(s: Setup, what: str = "all") -> list[Phase]:
     if what in ("train", "all"):
         train = _training_phases(s, "train", f"train: UNet step, batch {s.batch}", training_step, None, unet)
         for phase in train:
-            phase.notes += (f", EMA fp32 {gib(unet, torch.float32)} GiB" if s.ema else "") + \
+            where = " in host RAM" if s.ema_offload else ""
+            phase.notes += (f", EMA fp32 {gib(unet, torch.float32)} GiB{where}" if s.ema else "") + \
                 (f"; frozen fp32 text tower {gib(text, torch.float32)} GiB" if text is not None else "")
         out += train
     if what in ("train-vae", "all"):

@@ -54,6 +54,7 @@ class Setup:
     batch: int = 1
     slab: int = 32
     ema: bool = True  # the UNet's training keeps an EMA copy (train ldm's default)
+    ema_offload: bool = False  # ... in host RAM (train ldm --ema-offload)
     guidance: float = 5.0
     steps: int = 30
     device: str = DEVICE
@@ -273,13 +274,14 @@ def mixed_precision(s: Setup, mixed: bool) -> contextlib.AbstractContextManager:
 def training_step(s: Setup, unet: DiffusionUNet, vae: AutoencoderKL, text: nn.Module | None = None,
                   checkpointing: bool = False) -> None:
     """One UNet training step as ``train/ldm.py`` runs it on cached latents: the frozen fp32 text tower
-    encodes the batch's reports, rectified-flow L1 loss, backward, grad clipping, AdamW, optional EMA (the
-    VAE stays off the device). ``s.dtype`` below fp32 means fp32 master weights and grads with the network
+    encodes the batch's reports, rectified-flow L1 loss, backward, grad clipping, AdamW, optional EMA (in
+    host RAM with ``ema_offload``; the VAE stays off the device). ``s.dtype`` below fp32 means fp32 master weights and grads with the network
     computing in ``s.dtype`` (bf16 autocast); AdamW moments and the EMA copy are fp32."""
     optimizer, mixed = trainable(s, unet, checkpointing)
     if text is not None:
         materialize(text.eval(), s.device, torch.float32)
-    ema = [torch.zeros(p.shape, device=s.device, dtype=torch.float32) for p in optimizer.params] if s.ema else []
+    ema_device = s.host if s.ema_offload else s.device
+    ema = [torch.zeros(p.shape, device=ema_device, dtype=torch.float32) for p in optimizer.params] if s.ema else []
     pipe = s.pipeline(unet, vae)
     b = s.batch
     x0 = torch.zeros((b, *s.latent_shape), device=s.device)
@@ -294,8 +296,8 @@ def training_step(s: Setup, unet: DiffusionUNet, vae: AutoencoderKL, text: nn.Mo
     del v
     optimizer.step()
     with torch.no_grad():
-        for e, p in zip(ema, optimizer.params):
-            e.lerp_(p.float(), 1e-3)
+        for e, p in zip(ema, optimizer.params):  # as EMA.update
+            e.lerp_(p.to(e.device, torch.float32), 1e-3)
 
 
 def vae_training_step(s: Setup, vae: AutoencoderKL, disc: PatchDiscriminator, checkpointing: bool = False) -> None:

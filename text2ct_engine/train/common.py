@@ -23,18 +23,27 @@ from ..io_utils import atomic_path, read_json_object, recover_dir, write_json
 
 
 class EMA:
-    """Exponential moving average of a model's floating-point parameters: ema = d * ema + (1 - d) * w."""
+    """Exponential moving average of a model's floating-point parameters: ema = d * ema + (1 - d) * w, in fp32,
+    on the model's device or on ``device`` (``"cpu"``: in host RAM, off the GPU, for one device-to-host copy of
+    the weights per update)."""
 
-    def __init__(self, model: torch.nn.Module, decay: float = 0.999) -> None:
+    def __init__(self, model: torch.nn.Module, decay: float = 0.999, device: str | torch.device | None = None
+                 ) -> None:
         if not 0.0 < decay < 1.0:
             raise ValueError(f"EMA decay must lie in (0, 1), got {decay}")
         self.decay = decay
-        self.shadow = {k: p.detach().float().clone() for k, p in model.named_parameters()}
+        self.shadow = {k: p.detach().to(p.device if device is None else device, torch.float32, copy=True)
+                       for k, p in model.named_parameters()}
+
+    @property
+    def device(self) -> torch.device | None:
+        return next(iter(self.shadow.values())).device if self.shadow else None
 
     @torch.no_grad()
     def update(self, model: torch.nn.Module) -> None:
         for k, p in model.named_parameters():
-            self.shadow[k].lerp_(p.detach().float(), 1.0 - self.decay)
+            shadow = self.shadow[k]
+            shadow.lerp_(p.detach().to(shadow.device, torch.float32), 1.0 - self.decay)
 
     @contextlib.contextmanager
     def applied(self, model: torch.nn.Module) -> Iterator[None]:
@@ -96,7 +105,7 @@ def load_training_state(directory: str, model: torch.nn.Module, optimizer: torch
     device = next(model.parameters()).device
     model.load_state_dict(load_file(os.path.join(directory, "model.safetensors"), device=str(device)))
     if ema is not None and os.path.isfile(os.path.join(directory, "ema.safetensors")):
-        ema.shadow = load_file(os.path.join(directory, "ema.safetensors"), device=str(device))
+        ema.shadow = load_file(os.path.join(directory, "ema.safetensors"), device=str(ema.device or device))
     optimizer.load_state_dict(torch.load(os.path.join(directory, "optimizer.pt"), map_location=device,
                                          weights_only=True))
     if schedule is not None:

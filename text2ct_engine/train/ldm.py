@@ -26,7 +26,8 @@ from .common import (EMA, LossLog, TruncationNote, apply_gradients, bf16_autocas
                      check_optimizer_settings, for_device, load_training_state, open_run, resumable_batches,
                      save_training_state, warmup_schedule)
 
-FREE_ON_RESUME = ("steps", "log_every", "save_every", "num_workers", "gradient_checkpointing")  # no effect on the math
+FREE_ON_RESUME = ("steps", "log_every", "save_every", "num_workers", "gradient_checkpointing",
+                  "ema_offload")  # no effect on the math
 SCALE_SAMPLE = 64  # cached latents that --scale-factor auto measures
 
 
@@ -40,6 +41,7 @@ class LDMTrainConfig:
     cond_drop_prob: float = 0.1
     grad_clip: float = 1.0
     ema_decay: float | None = 0.999
+    ema_offload: bool = False  # keep the EMA copy in host RAM (its fp32 weights off the GPU)
     gradient_checkpointing: bool = True
     mixed_precision: str = "auto"  # "auto" (bf16 on CUDA, off on CPU), "bf16" or "no"
     log_every: int = 10
@@ -129,7 +131,7 @@ def train_ldm(pipe: Text2CTPipeline, dataset: Dataset, cfg: LDMTrainConfig, out_
             frozen.eval().requires_grad_(False)
     optimizer = torch.optim.AdamW(unet.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     schedule = warmup_schedule(optimizer, cfg.warmup_steps)
-    ema = EMA(unet, cfg.ema_decay) if cfg.ema_decay else None
+    ema = EMA(unet, cfg.ema_decay, "cpu" if cfg.ema_offload else None) if cfg.ema_decay else None
     settings = {**asdict(cfg), "scale_factor": pipe.config.scale_factor}
     step = 0
     if resuming:
