@@ -94,6 +94,18 @@ def test_contrastive_loss_by_hand():
         clip_contrastive_loss(t, v[:3], 1.0)
 
 
+def test_contrastive_logits_stay_fp32_under_autocast():
+    """Inside a training step's bf16 autocast the B x B logits (scaled up to 100) are still computed in fp32."""
+    torch.manual_seed(0)
+    t, v = (F.normalize(torch.randn(8, 64), dim=-1) for _ in range(2))
+    scale = torch.tensor(math.log(100.0))
+    plain = clip_contrastive_loss(t, v, scale)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert (t @ v.t()).dtype == torch.bfloat16  # what autocast does to a matmul
+        under = clip_contrastive_loss(t, v, scale)
+    assert under.dtype == torch.float32 and torch.equal(under, plain)
+
+
 def test_clip3d_forward_backward_and_round_trip(tmp_path):
     cfg = CLIP3DConfig(text_config=TEXT, vision_config=vision_config(projection_dim=None), projection_dim=12)
     model = CLIP3D(cfg)

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from text2ct_engine import ops
 from text2ct_engine.memory import (BLOCK, CPU_POLICIES, CUDA_POLICIES, AutocastEmulation, MemoryTracker, Setup,
                                    clip_training_step, training_step, vae_training_step)
-from text2ct_engine.train.common import AUTOCAST_STAND_INS, bf16_autocast
+from text2ct_engine.precision import AUTOCAST_STAND_INS, autocast_off, bf16_autocast
 
 from test_memory import CLIP, UNET, VAE
 
@@ -59,7 +59,10 @@ def test_regions_cast_as_cuda_autocast_does():
             assert F.group_norm(y, 4).dtype == F.interpolate(y, scale_factor=2.0).dtype == torch.float32
             assert y.sum().dtype == torch.softmax(y, 1).dtype == (y ** 2).dtype == torch.float32
             assert (F.silu(y).dtype, torch.cat([y, y]).dtype) == (torch.bfloat16, torch.bfloat16)
-            assert F.conv3d(y, w) .dtype == torch.bfloat16
+            assert F.conv3d(y, w).dtype == torch.bfloat16
+            with autocast_off(torch.device("meta")):
+                assert F.conv3d(x, w).dtype == torch.float32
+            assert F.conv3d(x, w).dtype == torch.bfloat16  # the enclosing region again
     with AutocastEmulation("meta") as emulation:
         lin = torch.nn.Linear(8, 8, device="meta")
         with bf16_autocast(torch.device("meta"), True):

@@ -12,7 +12,7 @@ in backward outside recomputation, nothing is cast.
 The tables hold the functions of PyTorch's own op lists (``aten/src/ATen/autocast_mode.{h,cpp}``) that
 Python code reaches: ``CUDA_POLICIES`` for the plans, ``CPU_POLICIES`` to check this emulation against torch's
 real CPU autocast (tests/test_memory_autocast.py). The trainers enter it through
-``train.common.bf16_autocast`` (``AUTOCAST_STAND_INS``), so the planned steps run the trainers' own code.
+``precision.bf16_autocast`` (``AUTOCAST_STAND_INS``), so the planned steps run the trainers' own code.
 """
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode, _get_current_function_mode_stack as _function_modes, _pop_mode, _push_mode
 from torch.utils._pytree import tree_map
 
-from ..train.common import AUTOCAST_STAND_INS
+from ..precision import AUTOCAST_STAND_INS
 
 T = torch.Tensor
 _MATMULS = [torch.matmul, T.matmul, T.__matmul__, T.__rmatmul__, torch.mm, T.mm, torch.bmm, T.bmm, torch.baddbmm,
@@ -82,8 +82,9 @@ class AutocastEmulation(TorchFunctionMode):
 
     # ------------------------------------------------------------------ regions
     @contextlib.contextmanager
-    def region(self, dtype: torch.dtype = torch.bfloat16) -> Iterator[None]:
-        """An autocast region to ``dtype`` (``torch.autocast(device_type, dtype)``)."""
+    def region(self, dtype: torch.dtype | None = torch.bfloat16) -> Iterator[None]:
+        """An autocast region to ``dtype`` (``torch.autocast(device_type, dtype)``); None: autocast off
+        (``torch.autocast(device_type, enabled=False)``)."""
         saved, self.dtype = self.dtype, dtype
         self.depth += 1
         try:

@@ -17,7 +17,7 @@ from ..models.discriminator import PatchDiscriminator
 from ..pipeline import PipelineConfig, Text2CTPipeline
 from ..tiling import tiled_decode, tiled_encode
 from ..train.clip import CLIPTrainConfig, new_clip, volume_layout
-from ..train.common import bf16_autocast
+from ..precision import bf16_autocast
 from ..train.vae import VAETrainConfig, discriminator_loss, vae_loss
 
 TEXT2CT_CONTEXT = 512  # tokens per report of Text2CT's text tower

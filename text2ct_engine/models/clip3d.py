@@ -15,6 +15,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..precision import autocast_off
 from .clip_text import CLIPTextConfig, CLIPTextModelWithProjection, convert_text2ct_clip_state_dict
 from .clip_vision3d import CLIPVisionModel3D, VisionConfig3D
 from .serialization import PretrainedMixin
@@ -76,9 +77,10 @@ def clip_contrastive_loss(text_embeds: torch.Tensor, volume_embeds: torch.Tensor
                          f"must both be (B, P)")
     scale = torch.as_tensor(logit_scale, dtype=torch.float32, device=text_embeds.device)
     scale = scale.clamp(max=LOGIT_SCALE_MAX).exp()
-    logits_per_text = scale * (text_embeds.float() @ volume_embeds.float().t())
-    labels = torch.arange(text_embeds.shape[0], device=text_embeds.device)
-    return 0.5 * (F.cross_entropy(logits_per_text, labels) + F.cross_entropy(logits_per_text.t(), labels))
+    with autocast_off(text_embeds.device):  # fp32 logits: autocast would round the B x B matmul to bf16
+        logits_per_text = scale * (text_embeds.float() @ volume_embeds.float().t())
+        labels = torch.arange(text_embeds.shape[0], device=text_embeds.device)
+        return 0.5 * (F.cross_entropy(logits_per_text, labels) + F.cross_entropy(logits_per_text.t(), labels))
 
 
 class CLIP3DOutput(NamedTuple):
@@ -136,7 +138,8 @@ class CLIP3D(PretrainedMixin, nn.Module):
         t = self.encode_text(input_ids, attention_mask)
         v = self.encode_volume(volume)
         scale = self.logit_scale.clamp(max=LOGIT_SCALE_MAX).exp()
-        logits_per_text = scale * (t @ v.t())
+        with autocast_off(t.device):
+            logits_per_text = scale * (t.float() @ v.float().t())
         loss = clip_contrastive_loss(t, v, self.logit_scale) if return_loss else None
         return CLIP3DOutput(loss, logits_per_text, logits_per_text.t(), t, v)
 

@@ -40,8 +40,9 @@ from ..models import CLIP3D, CLIP3DConfig, CLIPTextConfig, CLIPTextModelWithProj
 from ..models.clip3d import LOGIT_SCALE_MAX
 from ..text import CLIP_DIR, TOKENIZER_FILE, check_text_side, save_text_side
 from ..tokenizer import CLIPTokenizer
-from .common import (EMA, LossLog, TruncationNote, add_config_flags, add_run_flags, apply_gradients, autocast_enabled,
-                     bf16_autocast, check_batch_size, check_intervals, check_optimizer_settings, checkpoint_state,
+from ..precision import bf16_autocast
+from .common import (EMA, LossLog, TruncationNote, add_config_flags, add_run_flags, apply_gradients,
+                     autocast_enabled, check_batch_size, check_intervals, check_optimizer_settings, checkpoint_state,
                      for_device, held_out_split, load_training_state, open_run, resumable_batches, run_settings,
                      save_training_state, typed_settings, warmup_schedule)
 

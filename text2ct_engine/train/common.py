@@ -281,21 +281,6 @@ def autocast_enabled(mixed_precision: str, device: torch.device) -> bool:
     return mixed_precision == "bf16" or (mixed_precision == "auto" and device.type == "cuda")
 
 
-# device type -> a stand-in for torch.autocast there: (dtype) -> context. The memory planner's emulation of CUDA
-# autocast on its fake ``meta`` device registers itself here while it plans (memory/autocast.py).
-AUTOCAST_STAND_INS: dict[str, Callable[[torch.dtype], contextlib.AbstractContextManager]] = {}
-
-
-def bf16_autocast(device: torch.device, enabled: bool, dtype: torch.dtype = torch.bfloat16
-                  ) -> contextlib.AbstractContextManager:
-    """``torch.autocast`` to bf16 (or ``dtype``) on ``device``'s type when ``enabled`` (or the stand-in that
-    ``AUTOCAST_STAND_INS`` holds for that type); otherwise nothing at all."""
-    if not enabled:
-        return contextlib.nullcontext()
-    stand_in = AUTOCAST_STAND_INS.get(device.type)
-    return stand_in(dtype) if stand_in is not None else torch.autocast(device.type, dtype=dtype)
-
-
 def for_device(cfg: Any, device: torch.device) -> tuple[Any, bool]:
     """``cfg`` with its device-dependent ``mixed_precision="auto"`` made explicit ("bf16" or "no"), and
     whether to autocast: the checkpoint records what ran, so a resume on another kind of device that would

@@ -22,7 +22,8 @@ from torch.utils.data import Dataset
 from ..pipeline import Text2CTPipeline
 from ..schedulers import RFlowScheduler
 from ..io_utils import atomic_dir
-from .common import (EMA, LossLog, TruncationNote, apply_gradients, bf16_autocast, check_batch_size, check_intervals,
+from ..precision import bf16_autocast
+from .common import (EMA, LossLog, TruncationNote, apply_gradients, check_batch_size, check_intervals,
                      check_optimizer_settings, for_device, load_training_state, open_run, resumable_batches,
                      save_training_state, warmup_schedule)
 

@@ -34,7 +34,8 @@ from ..data.errors import BadDataLog
 from ..io_utils import atomic_dir
 from ..models.discriminator import ADV_LOSSES, PatchDiscriminator, discriminator_adv_loss, generator_adv_loss
 from ..models.vae import AutoencoderKL, AutoencoderKLConfig
-from .common import (EMA, LossLog, add_config_flags, add_run_flags, apply_gradients, bf16_autocast, check_batch_size,
+from ..precision import bf16_autocast
+from .common import (EMA, LossLog, add_config_flags, add_run_flags, apply_gradients, check_batch_size,
                      check_intervals, check_optimizer_settings, check_resumed_config, checkpoint_state, for_device,
                      held_out_split, load_training_state, open_run, resumable_batches, run_settings,
                      save_training_state, shown_setting, warmup_schedule)
@@ -248,7 +249,9 @@ def train_vae(vae: AutoencoderKL, dataset: Dataset, cfg: VAETrainConfig, out_dir
             with atomic_dir(ckpt_dir) as tmp:  # replaced as a whole, discriminator included
                 if disc is not None:
                     save_training_state(os.path.join(tmp, DISC_DIR), done, disc, d_opt, None)
-                run = {"config": asdict(cfg), "vae": asdict(vae.config), **({"data": data_settings} if data_settings else {})}
+                run = {"config": asdict(cfg), "vae": asdict(vae.config)}
+                if data_settings:
+                    run["data"] = data_settings
                 save_training_state(tmp, done, vae, optimizer, ema, run)
     vae.eval().set_gradient_checkpointing(False)
     with ema.applied(vae) if ema is not None else contextlib.nullcontext(), atomic_dir(model_dir) as tmp:
