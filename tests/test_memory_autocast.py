@@ -33,7 +33,7 @@ def tracked(step, s: Setup, networks, emulate: bool) -> MemoryTracker:
 @pytest.mark.parametrize("checkpointing", [False, True])
 @pytest.mark.parametrize("name", list(STEPS))
 def test_emulation_with_cpu_lists_equals_real_cpu_autocast(name, checkpointing):
-    s = Setup(UNET, VAE, dtype=torch.bfloat16, device="cpu", host="cpu", volume=(32, 32, 16), clip_config=CLIP,
+    s = Setup(UNET, VAE, dtype=torch.bfloat16, device="cpu", host="cpu", volume=(32, 32, 32), clip_config=CLIP,
               context_length=9, patch=(24, 24, 24), clip_volume=(16, 16, 8), clip_batch=3)
     step, networks = STEPS[name]
     step = partial(step, checkpointing=checkpointing)

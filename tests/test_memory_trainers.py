@@ -48,7 +48,7 @@ def test_vae_training_step_plans_what_train_vae_takes(tmp_path, checkpointing):
     cfg = VAETrainConfig(steps=3, patch_size=(32, 32, 32), adv_weight=0.1, adv_start=0, save_every=100,
                          log_every=100, eval_every=100, gradient_checkpointing=checkpointing)
     real = measured(lambda: train_vae(vae, volumes, cfg, str(tmp_path / "run"), log=lambda _: None), vae)
-    s = Setup(vae_config=VAE, dtype=torch.float32, device="cpu", host="cpu", volume=(64, 64, 32), patch=(32, 32, 32))
+    s = Setup(vae_config=VAE, dtype=torch.float32, device="cpu", host="cpu", volume=(32, 32, 32), patch=(32, 32, 32))
     assert_plan_matches(real, planned(partial(vae_training_step, checkpointing=checkpointing), s,
                                       Setup.vae_training_networks), within=0.02)
 

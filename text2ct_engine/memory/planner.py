@@ -154,11 +154,15 @@ def phases(s: Setup, what: str = "all") -> list[Phase]:
         out += train
     if what in ("train-vae", "all"):
         x, y, z = s.patch
+        if any(p > v for p, v in zip(s.patch, s.volume)):
+            raise ValueError(f"--patch {x} {y} {z} exceeds the --volume the patches are cut from "
+                             f"({' '.join(map(str, s.volume))}): train vae crops them from its --size volumes")
         vae_train = _training_phases(s, "train_vae", f"train vae: batch {s.batch} of {x}x{y}x{z} patches + "
                                      "discriminator step", vae_training_step, Setup.vae_training_networks,
                                      *s.vae_training_networks())
         for phase in vae_train:
-            phase.notes += "; host: the loader's whole volumes, cropped there, not counted"
+            phase.notes += "; host: the loader's batch of whole fp32 volumes, cropped there (each --num-workers " \
+                           "process holds its own prefetched batches on top)"
         out += vae_train
     if what in ("train-clip", "all"):
         x, y, z = s.clip_volume

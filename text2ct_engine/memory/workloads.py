@@ -301,14 +301,23 @@ def training_step(s: Setup, unet: DiffusionUNet, vae: AutoencoderKL, text: nn.Mo
 
 
 def vae_training_step(s: Setup, vae: AutoencoderKL, disc: PatchDiscriminator, checkpointing: bool = False) -> None:
-    """One ``train vae`` step once the adversarial loss is on: a batch of ``s.patch`` patches through the VAE
+    """One ``train vae`` step once the adversarial loss is on: the loader's batch of whole ``s.volume`` volumes
+    in host RAM, cropped there to ``s.patch`` patches, which go through the VAE
     and the (frozen) discriminator, backward, AdamW on the VAE; then the discriminator's own step on the real
     patches and the detached reconstructions (``train/vae.py``'s loss functions; weights as in
     :func:`training_step`)."""
     optimizer, mixed = trainable(s, vae, checkpointing)
     d_optimizer, _ = trainable(s, disc, False)
     cfg = VAETrainConfig(patch_size=s.patch, adv_weight=0.1)
-    x = torch.zeros((s.batch, 1, *s.patch), device=s.device)  # fp32 patches, as train_vae moves them
+    if any(p > v for p, v in zip(s.patch, s.volume)):
+        raise ValueError(f"--patch {' '.join(map(str, s.patch))} exceeds the --volume it is cut from "
+                         f"({' '.join(map(str, s.volume))})")
+    items = [torch.zeros((1, *s.volume), device=s.host) for _ in range(s.batch)]  # the loader's whole volumes
+    volumes = torch.stack(items)  # collated; the batch stays referenced through the step, as in train_vae
+    del items
+    crops = torch.stack([v[:, :s.patch[0], :s.patch[1], :s.patch[2]] for v in volumes])  # as random_patches
+    x = crops.to(s.device, torch.float32)  # fp32 patches on the device
+    del crops
     disc.requires_grad_(False)
     loss, _, recon = vae_loss(vae, x, cfg, None, disc, autocast=mixed)
     loss.backward()
