@@ -205,6 +205,13 @@ def test_cli_prints_the_table_and_writes_json(tmp_path, capsys):
     assert json.loads(out.read_text())["latent"] == [4, 8, 8, 4]
 
 
+def test_all_skips_train_vae_where_its_default_patch_does_not_fit():
+    s = tiny(volume=(32, 32, 16))  # the patch (32, 32, 32) does not fit: not planned under "all", an error alone
+    assert not any(p.key.startswith("train_vae") for p in phases(s, "all"))
+    with pytest.raises(ValueError, match="exceeds the --volume"):
+        phases(s, "train-vae")
+
+
 @pytest.mark.parametrize("argv", [
     ["--volume", "100", "512", "128"],
     ["--volume", "512", "512"],

@@ -16,8 +16,8 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from .. import ops
 from .autocast import AutocastEmulation
 from .tracker import GIB, MemoryTracker, PeakPoint
-from .workloads import (Setup, clip_training_step, decode_step, encode_step, sampling_step, training_step,
-                        vae_training_step)
+from .workloads import (Setup, clip_training_step, decode_step, encode_step, patch_problem, sampling_step,
+                        training_step, vae_training_step)
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 WHAT = ("sample", "cache", "train", "train-vae", "train-clip", "all")
@@ -152,11 +152,11 @@ def phases(s: Setup, what: str = "all") -> list[Phase]:
             phase.notes += (f", EMA fp32 {gib(unet, torch.float32)} GiB{where}" if s.ema else "") + \
                 (f"; frozen fp32 text tower {gib(text, torch.float32)} GiB" if text is not None else "")
         out += train
-    if what in ("train-vae", "all"):
+    problem = patch_problem(s)
+    if what == "train-vae" and problem:
+        raise ValueError(problem)
+    if what == "train-vae" or (what == "all" and not problem):  # all: skipped where the patch does not fit
         x, y, z = s.patch
-        if any(p > v for p, v in zip(s.patch, s.volume)):
-            raise ValueError(f"--patch {x} {y} {z} exceeds the --volume the patches are cut from "
-                             f"({' '.join(map(str, s.volume))}): train vae crops them from its --size volumes")
         vae_train = _training_phases(s, "train_vae", f"train vae: batch {s.batch} of {x}x{y}x{z} patches + "
                                      "discriminator step", vae_training_step, Setup.vae_training_networks,
                                      *s.vae_training_networks())

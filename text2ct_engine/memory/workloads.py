@@ -15,9 +15,9 @@ import torch.nn.functional as F
 from ..models import CLIP3D, AutoencoderKL, CLIPTextConfig, CLIPTextModelWithProjection, DiffusionUNet
 from ..models.discriminator import PatchDiscriminator
 from ..pipeline import PipelineConfig, Text2CTPipeline
+from ..precision import bf16_autocast
 from ..tiling import tiled_decode, tiled_encode
 from ..train.clip import CLIPTrainConfig, new_clip, volume_layout
-from ..precision import bf16_autocast
 from ..train.vae import VAETrainConfig, discriminator_loss, vae_loss
 
 TEXT2CT_CONTEXT = 512  # tokens per report of Text2CT's text tower
@@ -300,6 +300,14 @@ def training_step(s: Setup, unet: DiffusionUNet, vae: AutoencoderKL, text: nn.Mo
             e.lerp_(p.to(e.device, torch.float32), 1e-3)
 
 
+def patch_problem(s: Setup) -> str | None:
+    """Why ``train vae`` cannot cut ``s.patch`` patches from ``s.volume`` volumes (None when it can)."""
+    if all(p <= v for p, v in zip(s.patch, s.volume)):
+        return None
+    return (f"--patch {' '.join(map(str, s.patch))} exceeds the --volume the patches are cut from "
+            f"({' '.join(map(str, s.volume))}): train vae crops them from its --size volumes")
+
+
 def vae_training_step(s: Setup, vae: AutoencoderKL, disc: PatchDiscriminator, checkpointing: bool = False) -> None:
     """One ``train vae`` step once the adversarial loss is on: the loader's batch of whole ``s.volume`` volumes
     in host RAM, cropped there to ``s.patch`` patches, which go through the VAE
@@ -309,9 +317,9 @@ def vae_training_step(s: Setup, vae: AutoencoderKL, disc: PatchDiscriminator, ch
     optimizer, mixed = trainable(s, vae, checkpointing)
     d_optimizer, _ = trainable(s, disc, False)
     cfg = VAETrainConfig(patch_size=s.patch, adv_weight=0.1)
-    if any(p > v for p, v in zip(s.patch, s.volume)):
-        raise ValueError(f"--patch {' '.join(map(str, s.patch))} exceeds the --volume it is cut from "
-                         f"({' '.join(map(str, s.volume))})")
+    problem = patch_problem(s)
+    if problem:
+        raise ValueError(problem)
     items = [torch.zeros((1, *s.volume), device=s.host) for _ in range(s.batch)]  # the loader's whole volumes
     volumes = torch.stack(items)  # collated; the batch stays referenced through the step, as in train_vae
     del items

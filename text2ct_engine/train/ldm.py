@@ -28,7 +28,7 @@ from .common import (EMA, LossLog, TruncationNote, apply_gradients, check_batch_
                      save_training_state, warmup_schedule)
 
 FREE_ON_RESUME = ("steps", "log_every", "save_every", "num_workers", "gradient_checkpointing",
-                  "ema_offload")  # no effect on the math
+                  "ema_offload")  # no effect on the math (ema_offload: up to the float rounding of the EMA update)
 SCALE_SAMPLE = 64  # cached latents that --scale-factor auto measures
 
 
