@@ -419,8 +419,8 @@ def add_run_flags(parser: argparse.ArgumentParser, data_help: str = CTRATE_DATA_
 
 def add_config_flags(parser: argparse.ArgumentParser, config_cls: type, *, choices: dict | None = None,
                      helps: dict | None = None, elem_types: dict | None = None) -> None:
-    """One command-line flag per field of a training-config dataclass: ``--field-name`` (booleans that
-    default on: ``--no-field-name``; tuples: three values). ``elem_types`` gives the element type of tuple
+    """One command-line flag per field of a training-config dataclass: ``--field-name`` (booleans also
+    ``--no-field-name``; tuples: three values). ``elem_types`` gives the element type of tuple
     fields whose default is None. Flags not typed stay out of the namespace, so that a resumed run's
     settings or a config file can fill them (:func:`run_settings`)."""
     defaults = config_cls()
