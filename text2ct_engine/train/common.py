@@ -232,11 +232,18 @@ def run_settings(args: argparse.Namespace, config_cls: type, file_settings: dict
         inherited = [k for k in names if k not in RESOLVED_ON_DEVICE]
         saved = typed_settings({k: v for k, v in raw.items() if k in inherited}, config_cls,
                                f"{os.path.join(args.out, 'checkpoint', 'state.json')}")
-        defaults = config_cls()
-        taken = [f"{k} {shown_setting(v)}" for k, v in saved.items() if k not in given and v != getattr(defaults, k)]
-        if taken:
-            log(f"--resume: the run's settings {', '.join(taken)}")
+        log_taken("settings", saved, given, log, vars(config_cls()))
     return {**saved, **given}
+
+
+def log_taken(what: str, saved: dict[str, Any], given: dict[str, Any], log: Callable[[str], None] = print,
+              defaults: dict[str, Any] | None = None) -> None:
+    """One line naming the ``saved`` settings a resume takes because they were not ``given`` (with
+    ``defaults``: only those that differ from them)."""
+    taken = [f"{k} {shown_setting(v)}" for k, v in saved.items()
+             if k not in given and (defaults is None or v != defaults[k])]
+    if taken:
+        log(f"--resume: the run's {what} {', '.join(taken)}")
 
 
 def shown_setting(value: Any) -> str:

@@ -37,8 +37,8 @@ from ..models.vae import AutoencoderKL, AutoencoderKLConfig
 from ..precision import bf16_autocast
 from .common import (EMA, LossLog, add_config_flags, add_run_flags, apply_gradients, check_batch_size,
                      check_intervals, check_optimizer_settings, check_resumed_config, checkpoint_state, for_device,
-                     held_out_split, load_training_state, open_run, resumable_batches, run_settings,
-                     save_training_state, shown_setting, warmup_schedule)
+                     held_out_split, load_training_state, log_taken, open_run, resumable_batches, run_settings,
+                     save_training_state, warmup_schedule)
 
 # how the CLI makes its volumes (--val: without a valid split, the held-out volumes leave the training set)
 DATA_DEFAULTS = {"size": (512, 512, 128), "spacing": (0.75, 0.75, 3.0), "mode": "crop_pad", "val": 4}
@@ -384,7 +384,5 @@ def data_settings(args: argparse.Namespace) -> dict[str, Any]:
         print("note: --resume: this checkpoint predates recorded data settings: --size, --spacing, --mode and "
               "--val must be the run's (defaults otherwise)")
     check_resumed_config(saved, typed, free=())
-    taken = {k: v for k, v in saved.items() if k not in typed}
-    if taken:
-        print("--resume: the run's data settings " + ", ".join(f"{k} {shown_setting(v)}" for k, v in taken.items()))
+    log_taken("data settings", saved, typed)
     return {**DATA_DEFAULTS, **saved, **typed}
