@@ -80,6 +80,20 @@ def test_regions_cast_as_cuda_autocast_does():
     assert not AUTOCAST_STAND_INS
 
 
+def test_normalize_and_norm_take_an_fp32_output_without_an_fp32_copy_of_their_input():
+    """CUDA autocast gives ``norm`` an fp32 output (fp32_append_dtype) and leaves ``F.normalize``'s input as is:
+    the bf16 input is not copied to fp32; only the fp32 result and the per-row norms are new."""
+    y = torch.randn(64, 512, device="meta", dtype=torch.bfloat16, requires_grad=True)
+    with AutocastEmulation("meta"), bf16_autocast(torch.device("meta"), True):
+        assert y.norm(dim=-1).dtype == torch.linalg.vector_norm(y, dim=-1).dtype == torch.float32
+        with MemoryTracker(block=1) as tracker:
+            out = F.normalize(y, dim=-1)
+        assert out.dtype == torch.float32 and out.grad_fn is not None
+        rows = 64 * 4  # the norms (and their clamp), fp32
+        assert out.numel() * 4 + rows <= tracker.peak["meta"] <= out.numel() * 4 + 2 * rows  # no 128 KiB copy
+    assert F.normalize(y, dim=-1).dtype == torch.bfloat16  # outside a region: untouched
+
+
 def test_the_cuda_table_matches_this_torch_builds_cuda_autocast_ops():
     """Each function the emulation casts reaches an aten op with a CUDA autocast kernel, and the functions it
     leaves alone reach ops without one (cat promotes by itself; silu, gelu, add are not autocast ops)."""
@@ -88,7 +102,7 @@ def test_the_cuda_table_matches_this_torch_builds_cuda_autocast_ops():
             F.layer_norm: "layer_norm", F.interpolate: "upsample_nearest3d", F.l1_loss: "l1_loss",
             F.mse_loss: "mse_loss", torch.exp: "exp", torch.Tensor.pow: "pow.Tensor_Scalar", torch.rsqrt: "rsqrt",
             F.softmax: "softmax.int", torch.Tensor.sum: "sum", torch.logsumexp: "logsumexp",
-            F.binary_cross_entropy_with_logits: "binary_cross_entropy_with_logits"}
+            F.binary_cross_entropy_with_logits: "binary_cross_entropy_with_logits", torch.Tensor.norm: "norm.ScalarOpt_dim"}
     left = {"cat", "silu", "gelu", "add.Tensor", "mul.Tensor", "native_group_norm"}
 
     def cuda_autocast(op: str) -> bool:
@@ -96,7 +110,7 @@ def test_the_cuda_table_matches_this_torch_builds_cuda_autocast_ops():
     for func, op in cast.items():
         assert func in CUDA_POLICIES and cuda_autocast(op), op
     lower = {F.conv3d, F.linear, F.scaled_dot_product_attention, torch.matmul, torch.bmm, torch.baddbmm}
-    fp32_out = {F.softmax, torch.Tensor.sum}
+    fp32_out = {F.softmax, torch.Tensor.sum, torch.Tensor.norm}
     assert all(CUDA_POLICIES[f] == ("lower" if f in lower else "fp32_out" if f in fp32_out else "fp32") for f in cast)
     assert not any(cuda_autocast(op) for op in left)
     assert CUDA_POLICIES[F.conv3d] == CPU_POLICIES[F.conv3d] == "lower"

@@ -2,8 +2,9 @@
 
 :class:`AutocastEmulation` is a ``TorchFunctionMode`` that casts the arguments of the functions in a cast-policy
 table as ``torch.autocast`` does: ``lower`` functions (convolutions, matmuls, linear, SDPA) run in the low
-precision with their fp32 inputs cast down, ``fp32`` ones (norms, losses, exp/log/pow, upsampling) and
-``fp32_out`` ones (softmax, sum, ...: the output dtype set to fp32) run in fp32. As in torch, the low-precision
+precision with their fp32 inputs cast down, ``fp32`` ones (layer/group norm, losses, exp/log, upsampling) and
+``fp32_out`` ones (softmax, sum, norm, ...: the output dtype set to fp32) run in fp32; a composite whose inner op
+is the autocast op (``F.normalize``) runs as a stand-in that calls it so. As in torch, the low-precision
 casts of fp32 leaf parameters that require grad are cached until the outermost region exits, the casts are
 autograd ops (gradients reach the fp32 masters), and checkpoint recomputation in backward runs under the
 autocast state its module's forward ran under (a fresh cache per recomputed module). Outside regions, and
@@ -34,12 +35,20 @@ _MATMULS = [torch.matmul, T.matmul, T.__matmul__, T.__rmatmul__, torch.mm, T.mm,
             torch.addr, T.addr, torch.einsum, torch.linalg.vecdot, torch.linalg.multi_dot, torch.chain_matmul]
 _CONVS = [F.conv1d, F.conv2d, F.conv3d, F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d]
 _UNARY_FP32 = ["acos", "asin", "cosh", "erfinv", "exp", "expm1", "log", "log10", "log2", "log1p", "reciprocal",
-               "rsqrt", "sinh", "tan", "pow", "logsumexp", "dist", "cdist", "renorm", "norm"]
+               "rsqrt", "sinh", "tan", "pow", "logsumexp", "dist", "cdist", "renorm"]
 _LOSSES = [F.l1_loss, F.mse_loss, F.smooth_l1_loss, F.huber_loss, F.kl_div, F.nll_loss, F.poisson_nll_loss,
            F.cosine_embedding_loss, F.hinge_embedding_loss, F.margin_ranking_loss, F.multilabel_margin_loss,
            F.soft_margin_loss, F.triplet_margin_loss, F.multi_margin_loss, F.binary_cross_entropy_with_logits,
-           F.cross_entropy]  # cross_entropy: log_softmax (fp32 output) and nll_loss (fp32)
-_SET_DTYPE = ["sum", "prod", "cumsum", "cumprod", "softmax", "log_softmax"]
+           F.cross_entropy]  # cross_entropy: log_softmax (fp32 output), then nll_loss; here its input is cast
+# (one extra copy of the logits: the trainers compute them in fp32 anyway, so it is a no-op for them)
+_SET_DTYPE = ["sum", "prod", "cumsum", "cumprod", "softmax", "log_softmax", "norm"]  # norm: fp32_append_dtype
+
+
+def _normalize(input: torch.Tensor, p: float = 2.0, dim: int = 1, eps: float = 1e-12, out: Any = None) -> torch.Tensor:
+    """``F.normalize`` as CUDA autocast runs it: only its norm is an autocast op (fp32 output, the input is not
+    cast), so the division promotes to fp32 without an fp32 copy of the input."""
+    denom = input.norm(p, dim, keepdim=True, dtype=torch.float32).clamp_min(eps).expand_as(input)
+    return torch.div(input, denom, out=out)
 
 
 def _methods(names: list[str]) -> list[Callable]:
@@ -48,12 +57,13 @@ def _methods(names: list[str]) -> list[Callable]:
     return out + ([T.__pow__, T.__rpow__] if "pow" in names else [])
 
 
-CUDA_POLICIES: dict[Callable, str] = {
+CUDA_POLICIES: dict[Callable, str | Callable] = {
     **dict.fromkeys([*_MATMULS, *_CONVS, F.linear, F.prelu, F.scaled_dot_product_attention], "lower"),
     **dict.fromkeys([*_methods(_UNARY_FP32), F.softplus, F.layer_norm, F.group_norm, F.cosine_similarity, F.pdist,
-                     F.normalize, F.interpolate, *_LOSSES], "fp32"),  # normalize: its norm is fp32, so its output
+                     F.interpolate, *_LOSSES], "fp32"),
     **dict.fromkeys([*_methods(_SET_DTYPE), F.softmax, F.log_softmax, torch.linalg.vector_norm,
                      torch.linalg.matrix_norm], "fp32_out"),
+    F.normalize: _normalize,  # a composite whose inner norm is the autocast op: run it as torch decomposes it
 }
 # torch's CPU lists, for the check against real CPU autocast: no norms, softmax, exp/log/pow or upsampling in fp32
 CPU_POLICIES: dict[Callable, str] = {
@@ -159,6 +169,8 @@ class AutocastEmulation(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         policy = self.policies.get(func) if self.dtype is not None else None
+        if callable(policy):
+            return policy(*args, **kwargs)
         if policy in ("lower", "fp32"):
             dtype = self.dtype if policy == "lower" else torch.float32
             args, kwargs = tree_map(lambda x: self._cast(x, dtype), (args, kwargs))
