@@ -113,6 +113,26 @@ def test_unet_matches_monai(case, backend):
     assert rel_err(out, out_r) <= 1e-5
 
 
+@pytest.mark.parametrize("case", list(UNET_CASES))
+def test_fresh_unet_zeroes_the_parameters_monai_zeroes(case):
+    """MONAI zero-initialises each residual branch's last conv and the output conv: a fresh UNet predicts 0."""
+    def zeroed(model: torch.nn.Module) -> set[str]:
+        return {k for k, p in model.state_dict().items() if p.numel() and not p.any()}
+    kw = UNET_CASES[case]
+    ref, ours = maisi_unet.DiffusionModelUNetMaisi(**kw), DiffusionUNet(**kw)
+    assert zeroed(ours) == zeroed(ref) and any(k.endswith("conv2.conv.weight") for k in zeroed(ours))
+    x = torch.randn(1, 4, 8, 8, 16)
+    args = dict(context=torch.randn(1, 1, 12)) if kw["with_conditioning"] else {}
+    if kw.get("num_class_embeds"):
+        args["class_labels"] = torch.tensor([1])
+    if kw.get("include_spacing_input"):
+        args["spacing_tensor"] = torch.tensor([[0.75, 0.75, 3.0]])
+    if kw.get("include_top_region_index_input"):
+        args["top_region_index_tensor"] = args["bottom_region_index_tensor"] = torch.rand(1, 4)
+    with torch.no_grad():
+        assert not ours(x, torch.tensor([500.0]), **args).any()
+
+
 def test_unet_without_context_when_dims_match():
     kw = text2ct_unet_kwargs(num_channels=[8, 16], attention_levels=[False, True], num_head_channels=[0, 8],
                              cross_attention_dim=16, num_class_embeds=None, include_spacing_input=False)

@@ -153,9 +153,10 @@ def test_a_cache_that_does_not_fit_the_model_is_one_line(made, tmp_path, capsys)
                        str(tmp_path / "r4"), "--steps", "1", "--batch-size", "2"]) == 0
 
 
-@pytest.mark.parametrize("flag", ["--log-every", "--save-every"])
+@pytest.mark.parametrize("flag", ["--log-every", "--save-every", "--batch-size", "--steps"])
 def test_zero_interval_is_one_line(made, tmp_path, capsys, flag):
-    line = error_line(capsys, ldm_args(made, tmp_path / "run", "--steps", "2", flag, "0"))
+    line = error_line(capsys, ldm_args(made, tmp_path / "run", *(["--steps", "2"] if flag != "--steps" else []),
+                                       flag, "0"))
     assert "must be at least 1, got 0" in line and flag in line
     assert not (tmp_path / "run").exists()
 

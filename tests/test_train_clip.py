@@ -11,6 +11,7 @@ from text2ct_engine.data.ctrate import collate
 from text2ct_engine.data.phantom import make_dataset
 from text2ct_engine.evaluate.retrieval import retrieval_recall
 from text2ct_engine.models import CLIP3D, CLIPTextConfig, CLIPTextModelWithProjection
+from text2ct_engine.models.clip3d import LOGIT_SCALE_MAX
 from text2ct_engine.pipeline import Text2CTPipeline
 from text2ct_engine.text import encode_prompts, load_text_side
 from text2ct_engine.tokenizer import CLIPTokenizer
@@ -68,6 +69,21 @@ def test_training_lowers_the_contrastive_loss(trained):
     evals = [json.loads(line) for line in (out / "eval.jsonl").read_text().splitlines()]
     assert [e["step"] for e in evals] == [20, 40]
     assert all(e["n"] == 2 and 0 <= e["top1"] <= e["top5"] == 1.0 for e in evals)  # 2 candidates: top-5 is sure
+
+
+def test_the_temperature_cap_does_not_freeze_it(data, tmp_path):
+    """The log inverse temperature is capped after each step (as OpenCLIP does), not in the forward, where a
+    cap would zero its gradient: started past the cap, it comes back under it and keeps moving."""
+    train, held = held_out_split(str(data / "data"), SIZE, None, "resize", 2)
+    tok = CLIPTokenizer.from_file(data / "tokenizer.json")
+    model = fresh_clip(tok, SIZE, MODEL, seed=0)
+    with torch.no_grad():
+        model.logit_scale.fill_(LOGIT_SCALE_MAX + 0.5)
+    cfg = CLIPTrainConfig(**{**TRAIN, "steps": 4, "lr": 0.05, "save_every": 100, "eval_every": 100})
+    train_clip(model, tok, train, cfg, str(tmp_path / "run"), held, collate_fn=collate, log=lambda _: None)
+    temperatures = [json.loads(line)["temperature"] for line in (tmp_path / "run" / "loss.jsonl").open()]
+    assert 0.0 <= model.logit_scale.item() <= LOGIT_SCALE_MAX
+    assert len(set(temperatures)) > 1 and all(t >= 1.0 / 100 - 1e-9 for t in temperatures), temperatures
 
 
 def test_retrieval_recall_by_hand():
@@ -148,7 +164,7 @@ def test_resume_after_an_interruption_is_exact(data, tmp_path, label_weight):
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     for name in ("loss.jsonl", "eval.jsonl"):  # rows past the checkpoint dropped, not repeated
         assert log_rows(tmp_path / "b", name) == log_rows(tmp_path / "a", name)
-    with pytest.raises(ValueError, match="other settings than the run started with \\(steps 6 -> 8"):
+    with pytest.raises(ValueError, match="cannot take this run from 6 to 8 steps: its cosine learning rate"):
         train_clip(resumed, tok, train, CLIPTrainConfig(**TRAIN, steps=8, save_every=3, eval_every=2,
                                                         label_weight=label_weight),
                    str(tmp_path / "b"), held, resume=True, collate_fn=collate)  # cosine: steps set the schedule
@@ -196,6 +212,14 @@ def test_cli_trains_extends_and_resumes(data, tmp_path, capsys):
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert [json.loads(line)["step"] for line in (tmp_path / "b" / "loss.jsonl").read_text().splitlines()] \
         == [1, 2, 3, 4, 5, 6]
+    # a cosine run cannot be extended (its learning rate falls to 0 at --steps): one line says what to do
+    cosine = ["clip", "--data", str(data / "data"), "--out", str(tmp_path / "cos")]
+    assert train_main([*cosine[:3], "--tokenizer", str(data / "tokenizer.json"), "--config", str(tmp_path / "c.json"),
+                       "--lr-schedule", "cosine", *cosine[3:], "--steps", "3"]) == 0
+    capsys.readouterr()
+    assert train_main([*cosine, "--resume", "--steps", "4"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "cosine learning rate falls to 0 at step 3" in err[0] and "--init" in err[0], err
 
 
 @pytest.mark.parametrize("case", ["no_data", "no_tokenizer", "bad_config", "bad_size", "bad_type", "bad_triple",

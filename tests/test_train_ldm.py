@@ -101,11 +101,17 @@ def test_ema_and_scale_factor():
     before = model.weight.detach().clone()
     with torch.no_grad():
         model.weight.add_(2.0)
+    ema.update(model)  # warm-up: update 0 decays by min(0.5, 1/10)
+    torch.testing.assert_close(ema.shadow["weight"], before + 1.8)
+    assert ema.updates == 1 and ema.current_decay() == pytest.approx(2 / 11)
+    ema.updates = 8  # 9/18: the warm-up reaches the decay
+    with torch.no_grad():
+        model.weight.add_(2.0)
     ema.update(model)
-    torch.testing.assert_close(ema.shadow["weight"], before + 1.0)
+    torch.testing.assert_close(ema.shadow["weight"], before + 0.5 * 1.8 + 0.5 * 4.0)
     with ema.applied(model):
-        torch.testing.assert_close(model.weight, before + 1.0)
-    torch.testing.assert_close(model.weight, before + 2.0)
+        torch.testing.assert_close(model.weight, before + 2.9)
+    torch.testing.assert_close(model.weight, before + 4.0)
     offloaded = EMA(model.to(torch.float64), decay=0.5, device="meta")  # kept on another device, in fp32
     offloaded.update(model)
     assert offloaded.device == torch.device("meta") and offloaded.shadow["weight"].dtype == torch.float32

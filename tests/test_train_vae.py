@@ -148,6 +148,7 @@ def test_cli_trains_fine_tunes_and_reports_bad_input(phantoms, tmp_path, capsys)
     state = json.loads((tmp_path / "run" / "checkpoint" / "state.json").read_text())
     assert state["step"] == 3
     assert state["data"] == {"size": list(SIZE), "spacing": list(SPACING), "mode": "crop_pad", "val": 1}
+    assert state["resolved_on_device"] == ["mixed_precision", "adv_weight"]  # left to the device: not inherited
     assert "val 1 -> 2" in err_of(resume + ["--steps", "4", "--val", "2"], capsys)
     assert "size 32 32 16 -> 64 64 32" in err_of(resume + ["--steps", "4", "--size", "64", "64", "32"], capsys)
     assert "num_channels 8 8 16 -> 8 16 16" in err_of(resume + ["--steps", "4", "--channels", "8", "16", "16"], capsys)
@@ -171,6 +172,21 @@ def test_cli_trains_fine_tunes_and_reports_bad_input(phantoms, tmp_path, capsys)
         assert len(err) == 1 and err[0].startswith("error: "), err
     assert "--latent-channels must be at least 1, got 0" in err_of(bad[-2], capsys)
     assert not (tmp_path / "r6").exists()
+
+
+def test_a_typed_adversarial_weight_is_taken_on_resume(phantoms, tmp_path, capsys):
+    """Settings left to the device are resolved again on resume; typed ones (here --adv-weight) are the run's."""
+    run = ["vae", "--data", str(phantoms), "--out", str(tmp_path / "run")]
+    first = ["--size", *map(str, SIZE), "--spacing", *map(str, SPACING), "--patch-size", "16", "16", "16",
+             "--channels", "8", "8", "16", "--res-blocks", "1", "--norm-groups", "4", "--val", "0",
+             "--adv-weight", "0.05", "--adv-start", "1", "--disc-channels", "4", "--disc-layers", "2"]
+    assert train_main(run + first + ["--steps", "2"]) == 0
+    capsys.readouterr()
+    assert train_main(run + ["--resume", "--steps", "3"]) == 0
+    assert "adv_weight 0.05" in capsys.readouterr().out
+    state = json.loads((tmp_path / "run" / "checkpoint" / "state.json").read_text())
+    assert state["config"]["adv_weight"] == 0.05 and state["resolved_on_device"] == ["mixed_precision"]
+    assert (tmp_path / "run" / "checkpoint" / "discriminator" / "model.safetensors").is_file()
 
 
 def err_of(argv, capsys):
@@ -221,13 +237,24 @@ def test_an_unreadable_volume_is_named_once_and_summed_up_at_the_end(phantoms, t
     ctrate._REPORTED.discard(str(bad))
     lines = []
     # 5 volumes, batch 1, 10 steps: two epochs, so the bad file comes up twice
-    train_vae(tiny_vae(), dataset(root), config(steps=10, batch_size=1, save_every=10), str(tmp_path / "run"),
-              log=lines.append, collate_fn=ctrate.collate)
+    cfg = config(steps=10, batch_size=1, save_every=1, warmup_steps=12)  # a learning rate that moves each step
+    train_vae(tiny_vae(), dataset(root), cfg, str(tmp_path / "run"), log=lines.append, collate_fn=ctrate.collate)
     err = capsys.readouterr().err
     assert err.count(f"skipped {bad}") == 1, err
     assert sum("every volume of the batch was unreadable" in line for line in lines) == 2
     summary = [line for line in lines if line.startswith("1 bad file(s) skipped:")]
     assert len(summary) == 1 and f"  {bad}: " in summary[0]
+
+    # a run interrupted after a skipped step resumes on the same learning rates (the schedule counts skips)
+    def crash(message):
+        if message.startswith("step 9/"):  # the step-8 checkpoint is saved, the first epoch's skip is behind
+            raise Interrupted
+    with pytest.raises(Interrupted):
+        train_vae(tiny_vae(), dataset(root), cfg, str(tmp_path / "b"), log=crash, collate_fn=ctrate.collate)
+    train_vae(tiny_vae(), dataset(root), cfg, str(tmp_path / "b"), resume=True, log=quiet, collate_fn=ctrate.collate)
+    rows = [[{k: v for k, v in json.loads(line).items() if k != "seconds"}
+             for line in (tmp_path / run / "loss.jsonl").read_text().splitlines()] for run in ("run", "b")]
+    assert rows[0] == rows[1] and len({r["lr"] for r in rows[0]}) == len(rows[0]) == 8
 
 
 def test_checkpoint_records_the_precision_and_adversarial_weight_that_ran(phantoms, tmp_path):

@@ -266,6 +266,16 @@ class DiffusionUNet(PretrainedMixin, nn.Module):
                                         cfg.num_head_channels[i], "up" if i > 0 else None))
             ch = chs[i]
         self.out = nn.Sequential(GroupNorm(g, chs[0], e), nn.SiLU(), Conv(d, chs[0], cfg.out_channels))
+        self._zero_init()
+
+    def _zero_init(self) -> None:
+        """As MONAI: each residual branch's last conv (ResBlock ``conv2``, transformer ``proj_out``) and the
+        output conv start at zero, so a fresh UNet is the identity along its skips and predicts 0."""
+        last = [m.conv2 for m in self.modules() if isinstance(m, ResnetBlock)]
+        last += [m.proj_out for m in self.modules() if isinstance(m, SpatialTransformer)] + [self.out[2]]
+        with torch.no_grad():
+            for p in (p for m in last for p in m.parameters()):
+                p.zero_()
 
     def set_gradient_checkpointing(self, enabled: bool = True) -> None:
         """Recompute each ResBlock / attention block in backward instead of keeping its activations."""

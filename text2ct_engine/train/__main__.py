@@ -88,7 +88,9 @@ class CachedLatents(Dataset):
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = Parser(prog="python -m text2ct_engine.train", description=__doc__.split("\n\n")[0])
+    p = Parser(prog="python -m text2ct_engine.train",
+               description="Train the diffusion UNet (ldm), the 3D VAE (vae) or the 3D CLIP (clip); "
+                           "`python -m text2ct_engine.train ldm --help` gives a trainer's options.")
     sub = p.add_subparsers(dest="what", required=True)
     ldm = sub.add_parser("ldm", help="train the diffusion UNet on cached latents")
     ldm.add_argument("--model", type=cli_path, required=True,

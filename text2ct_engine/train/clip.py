@@ -22,7 +22,7 @@ import dataclasses
 import os
 import time
 from dataclasses import asdict, dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -43,8 +43,8 @@ from ..tokenizer import CLIPTokenizer
 from ..precision import bf16_autocast
 from .common import (EMA, LossLog, TruncationNote, add_config_flags, add_run_flags, apply_gradients,
                      autocast_enabled, check_batch_size, check_intervals, check_optimizer_settings, checkpoint_state,
-                     for_device, held_out_split, load_training_state, open_run, resumable_batches, run_settings,
-                     save_training_state, typed_settings, warmup_schedule)
+                     device_resolved, for_device, held_out_split, load_training_state, open_run, resumable_batches,
+                     run_settings, save_training_state, typed_settings, warmup_schedule)
 
 # settings a resume may change (they do not change the math); so may steps, with a constant lr schedule
 FREE_ON_RESUME = ("log_every", "save_every", "eval_every", "num_workers", "gradient_checkpointing")
@@ -218,14 +218,16 @@ def read_preprocessing(directory: str) -> dict[str, Any]:
 
 
 def save_checkpoint(ckpt_dir: str, step: int, model: CLIP3D, tokenizer: CLIPTokenizer, optimizer: torch.optim.Optimizer,
-                    ema: EMA | None, cfg: CLIPTrainConfig, readout: LabelReadout | None = None) -> None:
+                    ema: EMA | None, cfg: CLIPTrainConfig, readout: LabelReadout | None = None,
+                    resolved_on_device: Sequence[str] = ()) -> None:
     """The resumable state, plus ``config.json`` and ``tokenizer.json``: the folder is also a CLIP3D directory,
     so a resumed run rebuilds the same model from it. It is written beside ``ckpt_dir`` and swapped in whole."""
     with atomic_dir(ckpt_dir) as tmp:
         write_json(os.path.join(tmp, "config.json"), model.config_dict())
         tokenizer.save(os.path.join(tmp, TOKENIZER_FILE))
         save_preprocessing(tmp, cfg)
-        save_training_state(tmp, step, model, optimizer, ema, {"config": asdict(cfg)})
+        run = {"config": asdict(cfg), "resolved_on_device": list(resolved_on_device)}
+        save_training_state(tmp, step, model, optimizer, ema, run)
         if readout is not None:
             with atomic_path(os.path.join(tmp, LABEL_READOUT_FILE)) as path:
                 save_file({k: v.detach().contiguous().cpu() for k, v in readout.state_dict().items()}, path)
@@ -247,6 +249,7 @@ def train_clip(model: CLIP3D, tokenizer: CLIPTokenizer, dataset: Dataset, cfg: C
         raise ValueError(f"the tokenizer's context length {tokenizer.context_length} exceeds the text tower's "
                          f"{text_cfg.max_position_embeddings} positions")
     device = next(model.parameters()).device
+    resolved = device_resolved(cfg)
     cfg, autocast = for_device(cfg, device)
     check_batch_size(dataset, cfg.batch_size)
     ckpt_dir, model_dir, resuming = open_run(out_dir, resume)
@@ -258,6 +261,11 @@ def train_clip(model: CLIP3D, tokenizer: CLIPTokenizer, dataset: Dataset, cfg: C
     ema = EMA(model, cfg.ema_decay) if cfg.ema_decay else None
     step = 0
     if resuming:
+        saved_steps = ((checkpoint_state(out_dir) or {}).get("config") or {}).get("steps", cfg.steps)
+        if cfg.lr_schedule == "cosine" and saved_steps != cfg.steps:
+            raise ValueError(f"cannot take this run from {saved_steps} to {cfg.steps} steps: its cosine learning "
+                             f"rate falls to 0 at step {saved_steps}; resume with --steps {saved_steps}, or go on from "
+                             f"{ckpt_dir} with --init into a new --out (a --lr-schedule constant run can be extended)")
         state = load_training_state(ckpt_dir, model, optimizer, ema, schedule, asdict(cfg), cfg.free_on_resume())
         step = int(state["step"])
         if readout is not None:
@@ -278,6 +286,8 @@ def train_clip(model: CLIP3D, tokenizer: CLIPTokenizer, dataset: Dataset, cfg: C
         else:
             loss, parts = clip_loss(model, tokenizer, batch, device, autocast, note, readout, cfg.label_weight)
             norm = apply_gradients(loss, optimizer, cfg.grad_clip, step, schedule)
+            with torch.no_grad():  # cap the parameter, not the forward: a capped forward would stop its gradient
+                model.logit_scale.clamp_(0.0, LOGIT_SCALE_MAX)
             if ema is not None:
                 ema.update(model)
             if done % cfg.log_every == 0 or done == cfg.steps:
@@ -302,7 +312,7 @@ def train_clip(model: CLIP3D, tokenizer: CLIPTokenizer, dataset: Dataset, cfg: C
                 log(f"eval step {done}: text->volume recall top-1 {scores['top1']:.3f} top-5 {scores['top5']:.3f} "
                     f"over {scores['n']} held-out pairs{shown}")
         if done % cfg.save_every == 0 or done == cfg.steps:
-            save_checkpoint(ckpt_dir, done, model, tokenizer, optimizer, ema, cfg, readout)
+            save_checkpoint(ckpt_dir, done, model, tokenizer, optimizer, ema, cfg, readout, resolved)
     model.eval()
     model.set_gradient_checkpointing(False)
     with _weights(model, ema), atomic_dir(model_dir) as tmp:

@@ -15,6 +15,7 @@ import warnings
 from typing import Any, Callable, Iterator, Sequence
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader, Dataset, Subset
 
@@ -25,15 +26,22 @@ from ..io_utils import atomic_path, read_json_object, recover_dir, write_json
 class EMA:
     """Exponential moving average of a model's floating-point parameters: ema = d * ema + (1 - d) * w, in fp32,
     on the model's device or on ``device`` (``"cpu"``: in host RAM, off the GPU, for one device-to-host copy of
-    the weights per update)."""
+    the weights per update).
+
+    Warm-up (as diffusers' ``EMAModel``): update n (from 0) uses d = min(decay, (1 + n) / (10 + n)), so a short
+    run from scratch does not keep its random initial weights (0.999 ** 1000 = 37 % of them without it)."""
 
     def __init__(self, model: torch.nn.Module, decay: float = 0.999, device: str | torch.device | None = None
                  ) -> None:
         if not 0.0 < decay < 1.0:
             raise ValueError(f"EMA decay must lie in (0, 1), got {decay}")
-        self.decay = decay
+        self.decay, self.updates = decay, 0
         self.shadow = {k: p.detach().to(p.device if device is None else device, torch.float32, copy=True)
                        for k, p in model.named_parameters()}
+
+    def current_decay(self) -> float:
+        """The decay the next update uses."""
+        return min(self.decay, (1 + self.updates) / (10 + self.updates))
 
     @property
     def device(self) -> torch.device | None:
@@ -41,9 +49,11 @@ class EMA:
 
     @torch.no_grad()
     def update(self, model: torch.nn.Module) -> None:
+        weight = 1.0 - self.current_decay()
         for k, p in model.named_parameters():
             shadow = self.shadow[k]
-            shadow.lerp_(p.detach().to(shadow.device, torch.float32), 1.0 - self.decay)
+            shadow.lerp_(p.detach().to(shadow.device, torch.float32), weight)
+        self.updates += 1
 
     @contextlib.contextmanager
     def applied(self, model: torch.nn.Module) -> Iterator[None]:
@@ -71,7 +81,8 @@ def save_training_state(directory: str, step: int, model: torch.nn.Module, optim
         save_file({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}, tmp)
     if ema is not None:
         with atomic_path(os.path.join(directory, "ema.safetensors")) as tmp:
-            save_file({k: v.contiguous().cpu() for k, v in ema.shadow.items()}, tmp)
+            save_file({k: v.contiguous().cpu() for k, v in ema.shadow.items()}, tmp,
+                      metadata={"updates": str(ema.updates)})
     with atomic_path(os.path.join(directory, "optimizer.pt")) as tmp:
         torch.save(optimizer.state_dict(), tmp)
     write_json(os.path.join(directory, "state.json"), {"step": step, **(extra or {})})
@@ -104,8 +115,11 @@ def load_training_state(directory: str, model: torch.nn.Module, optimizer: torch
         check_resumed_config(state.get("config"), config, free)
     device = next(model.parameters()).device
     model.load_state_dict(load_file(os.path.join(directory, "model.safetensors"), device=str(device)))
-    if ema is not None and os.path.isfile(os.path.join(directory, "ema.safetensors")):
-        ema.shadow = load_file(os.path.join(directory, "ema.safetensors"), device=str(ema.device or device))
+    ema_path = os.path.join(directory, "ema.safetensors")
+    if ema is not None and os.path.isfile(ema_path):
+        ema.shadow = load_file(ema_path, device=str(ema.device or device))
+        with safe_open(ema_path, "pt") as f:  # a checkpoint from before the warm-up: past it, one update per step
+            ema.updates = int((f.metadata() or {}).get("updates", state["step"]))
     optimizer.load_state_dict(torch.load(os.path.join(directory, "optimizer.pt"), map_location=device,
                                          weights_only=True))
     if schedule is not None:
@@ -173,7 +187,7 @@ def open_run(out_dir: str, resume: bool) -> tuple[str, str, bool]:
 
 
 def check_intervals(cfg: Any, names: Sequence[str] = ("log_every", "save_every")) -> None:
-    """Every interval field ``names`` of ``cfg`` (and ``num_workers`` >= 0) must be a whole number >= 1."""
+    """Every field ``names`` of ``cfg`` (intervals, counts; and ``num_workers`` >= 0) must be a whole number >= 1."""
     for name in names:
         if getattr(cfg, name) < 1:
             raise ValueError(f"{name} (--{name.replace('_', '-')}) must be at least 1, got {getattr(cfg, name)}")
@@ -213,9 +227,15 @@ def check_resumed_config(saved: dict | None, current: dict, free: Sequence[str])
                          f"the run's settings, or start a new run in another --out")
 
 
-# settings a trainer resolves for its device ("auto", None): a resume does not take them from the checkpoint,
-# so one on another kind of device that would compute differently is refused (for_device), not switched
+# settings a trainer resolves for its device ("auto", None): where the run left them to the device, a resume does
+# not take them from the checkpoint, so one on another kind of device that would compute differently is refused
+# (for_device), not switched; typed ones are taken. The checkpoint's state.json lists the resolved ones.
 RESOLVED_ON_DEVICE = ("mixed_precision", "adv_weight")
+
+
+def device_resolved(cfg: Any) -> list[str]:
+    """The settings of ``cfg`` left to the device (``"auto"`` or None), for the checkpoint's ``resolved_on_device``."""
+    return [k for k in RESOLVED_ON_DEVICE if hasattr(cfg, k) and getattr(cfg, k) in ("auto", None)]
 
 
 def run_settings(args: argparse.Namespace, config_cls: type, file_settings: dict[str, Any] | None = None,
@@ -228,8 +248,10 @@ def run_settings(args: argparse.Namespace, config_cls: type, file_settings: dict
     given = {**(file_settings or {}), **{k: getattr(args, k) for k in names if hasattr(args, k)}}
     saved: dict[str, Any] = {}
     if args.resume:
-        raw = (checkpoint_state(args.out) or {}).get("config") or {}
-        inherited = [k for k in names if k not in RESOLVED_ON_DEVICE]
+        state = checkpoint_state(args.out) or {}
+        raw = state.get("config") or {}
+        left_to_device = state.get("resolved_on_device", RESOLVED_ON_DEVICE)  # older checkpoints: all of them
+        inherited = [k for k in names if k not in left_to_device]
         saved = typed_settings({k: v for k, v in raw.items() if k in inherited}, config_cls,
                                f"{os.path.join(args.out, 'checkpoint', 'state.json')}")
         log_taken("settings", saved, given, log, vars(config_cls()))

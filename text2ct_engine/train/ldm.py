@@ -24,8 +24,8 @@ from ..schedulers import RFlowScheduler
 from ..io_utils import atomic_dir
 from ..precision import bf16_autocast
 from .common import (EMA, LossLog, TruncationNote, apply_gradients, check_batch_size, check_intervals,
-                     check_optimizer_settings, for_device, load_training_state, open_run, resumable_batches,
-                     save_training_state, warmup_schedule)
+                     check_optimizer_settings, device_resolved, for_device, load_training_state, open_run,
+                     resumable_batches, save_training_state, warmup_schedule)
 
 FREE_ON_RESUME = ("steps", "log_every", "save_every", "num_workers", "gradient_checkpointing",
                   "ema_offload")  # no effect on the math (ema_offload: up to the float rounding of the EMA update)
@@ -51,8 +51,7 @@ class LDMTrainConfig:
     num_workers: int = 0
 
     def validate(self) -> None:
-        if self.steps < 1 or self.batch_size < 1:
-            raise ValueError("steps and batch_size must be at least 1")
+        check_intervals(self, ("steps", "batch_size"))
         if not 0.0 <= self.cond_drop_prob <= 1.0:
             raise ValueError(f"cond_drop_prob must lie in [0, 1], got {self.cond_drop_prob}")
         check_intervals(self)
@@ -122,6 +121,7 @@ def train_ldm(pipe: Text2CTPipeline, dataset: Dataset, cfg: LDMTrainConfig, out_
     """
     cfg.validate()
     device, unet = pipe.device, pipe.unet
+    resolved = device_resolved(cfg)
     cfg, autocast = for_device(cfg, device)
     check_batch_size(dataset, cfg.batch_size)
     ckpt_dir, model_dir, resuming = open_run(out_dir, resume)
@@ -161,7 +161,8 @@ def train_ldm(pipe: Text2CTPipeline, dataset: Dataset, cfg: LDMTrainConfig, out_
             log(f"step {done}/{cfg.steps} loss {loss.item():.4f} grad {norm:.3f}")
         if done % cfg.save_every == 0 or done == cfg.steps:
             with atomic_dir(ckpt_dir) as tmp:
-                save_training_state(tmp, done, unet, optimizer, ema, {"config": settings})
+                run = {"config": settings, "resolved_on_device": resolved}
+                save_training_state(tmp, done, unet, optimizer, ema, run)
     unet.eval()
     unet.set_gradient_checkpointing(False)
     with ema.applied(unet) if ema is not None else contextlib.nullcontext(), atomic_dir(model_dir) as tmp:

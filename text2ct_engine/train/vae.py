@@ -36,8 +36,8 @@ from ..models.discriminator import ADV_LOSSES, PatchDiscriminator, discriminator
 from ..models.vae import AutoencoderKL, AutoencoderKLConfig
 from ..precision import bf16_autocast
 from .common import (EMA, LossLog, add_config_flags, add_run_flags, apply_gradients, check_batch_size,
-                     check_intervals, check_optimizer_settings, check_resumed_config, checkpoint_state, for_device,
-                     held_out_split, load_training_state, log_taken, open_run, resumable_batches, run_settings,
+                     check_intervals, check_optimizer_settings, check_resumed_config, checkpoint_state,
+                     device_resolved, for_device, held_out_split, load_training_state, log_taken, open_run, resumable_batches, run_settings,
                      save_training_state, warmup_schedule)
 
 # how the CLI makes its volumes (--val: without a valid split, the held-out volumes leave the training set)
@@ -75,8 +75,7 @@ class VAETrainConfig:
     num_workers: int = 0
 
     def validate(self, vae: AutoencoderKL) -> None:
-        if self.steps < 1 or self.batch_size < 1:
-            raise ValueError("steps and batch_size must be at least 1")
+        check_intervals(self, ("steps", "batch_size"))
         f = vae.config.downsample_factor
         if len(self.patch_size) != 3 or any(p < f or p % f for p in self.patch_size):
             raise ValueError(f"patch size {tuple(self.patch_size)} must be three multiples of the VAE's "
@@ -189,6 +188,7 @@ def train_vae(vae: AutoencoderKL, dataset: Dataset, cfg: VAETrainConfig, out_dir
     """
     cfg.validate(vae)
     device = next(vae.parameters()).device
+    resolved = device_resolved(cfg)
     cfg, autocast = for_device(cfg, device)
     cfg = dataclasses.replace(cfg, adv_weight=cfg.adversarial_weight(device))  # explicit too, as above
     adv_weight = cfg.adv_weight
@@ -240,6 +240,7 @@ def train_vae(vae: AutoencoderKL, dataset: Dataset, cfg: VAETrainConfig, out_dir
                     + " ".join(f"{k} {v:.4g}" for k, v in terms.items()) + f" grad {norm:.3f}")
         else:
             log(f"step {done}: every volume of the batch was unreadable; step skipped")
+            schedule.step()  # the schedule counts steps, skipped or not, as a resume sets it (last_epoch = step)
         if val_volumes and (done % cfg.eval_every == 0 or done == cfg.steps):
             with ema.applied(vae) if ema is not None else contextlib.nullcontext():
                 scores = evaluate_vae(vae, val_volumes, hu_window, cfg.eval_slab, autocast)
@@ -249,7 +250,7 @@ def train_vae(vae: AutoencoderKL, dataset: Dataset, cfg: VAETrainConfig, out_dir
             with atomic_dir(ckpt_dir) as tmp:  # replaced as a whole, discriminator included
                 if disc is not None:
                     save_training_state(os.path.join(tmp, DISC_DIR), done, disc, d_opt, None)
-                run = {"config": asdict(cfg), "vae": asdict(vae.config)}
+                run = {"config": asdict(cfg), "resolved_on_device": resolved, "vae": asdict(vae.config)}
                 if data_settings:
                     run["data"] = data_settings
                 save_training_state(tmp, done, vae, optimizer, ema, run)
