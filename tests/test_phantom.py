@@ -174,13 +174,15 @@ def test_ctrl_c_with_workers_is_one_line_and_says_how_to_rerun(tmp_path):
     import time
 
     out = tmp_path / "d"
+    # SIGINT's default action for the child, whatever pytest inherited: a background job of a non-interactive
+    # shell (`pytest &`) ignores SIGINT, and so would the command, which Python then never interrupts
     proc = subprocess.Popen([sys.executable, "-m", "text2ct_engine.data.phantom", "--n", "200", "--size", "64", "64",
-                             "64", "--workers", "2", "--out", str(out)], stderr=subprocess.PIPE, text=True)
+                             "64", "--workers", "2", "--out", str(out)], stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     seen = ""
     deadline = time.time() + 120
-    while "phantoms:" not in seen and time.time() < deadline:  # the bar shows once the pool runs
-        seen += proc.stderr.read(1)
-    time.sleep(1.0)
+    while " 1/200" not in seen and time.time() < deadline:  # a volume is done: the pool runs (the bar itself
+        seen += proc.stderr.read(1)  # shows before the pool starts)
     proc.send_signal(signal.SIGINT)
     rest = proc.communicate(timeout=120)[1]
     lines = [line for line in (seen + rest).replace("\r", "\n").splitlines() if line.strip()]

@@ -41,6 +41,19 @@ def test_rflow_shift_grows_with_volume():
     assert (shifted[1:] > base[1:]).all()  # more steps spent at the noisy end for the larger latent
 
 
+def test_rflow_transform_scale_acts_as_a_larger_volume_and_the_shift_can_be_off():
+    """transform_scale k multiplies the shift ratio, as a latent k**3 times larger does (MONAI ignores it)."""
+    scaled, larger = RFlowScheduler(**{**TEXT2CT_RFLOW, "transform_scale": 2.0}), RFlowScheduler(**TEXT2CT_RFLOW)
+    scaled.set_timesteps(30, input_img_size_numel=32 ** 3)
+    larger.set_timesteps(30, input_img_size_numel=8 * 32 ** 3)
+    base = RFlowScheduler(**TEXT2CT_RFLOW)
+    base.set_timesteps(30, input_img_size_numel=32 ** 3)  # ratio 1: no shift
+    assert torch.equal(scaled.timesteps, larger.timesteps) and (scaled.timesteps[1:] > base.timesteps[1:]).all()
+    plain = RFlowScheduler(**{**TEXT2CT_RFLOW, "use_timestep_transform": False})
+    plain.set_timesteps(4, input_img_size_numel=32 * 128 * 128)
+    assert plain.timesteps.tolist() == [1000.0, 750.0, 500.0, 250.0]
+
+
 def test_rflow_training_pieces_match_monai():
     ours, ref = RFlowScheduler(**TEXT2CT_RFLOW), mon.RFlowScheduler(**TEXT2CT_RFLOW)
     x0, noise = torch.randn(3, 4, 6, 8, 10), torch.randn(3, 4, 6, 8, 10)
