@@ -228,7 +228,10 @@ def test_convert_with_text2ct_clip_checkpoint(checkpoints, capsys):
     (tmp / "clip.json").write_text(json.dumps({"num_attention_heads": 2}))  # weights cannot tell the heads
     assert run(tmp, "--out", str(tmp / "model"), "--clip", str(tmp / "clip.pt"), "--tokenizer",
                str(tmp / "tokenizer.json"), "--clip-config", str(tmp / "clip.json")) == 0
-    assert "clip text tower" in capsys.readouterr().out
+    assert "clip text tower: a 1-layer text tower (16 wide, 2 heads of 8, as given)" in capsys.readouterr().out
+    assert run(tmp, "--out", str(tmp / "guessed"), "--clip", str(tmp / "clip.pt"), "--tokenizer",
+               str(tmp / "tokenizer.json")) == 0  # without --clip-config the log says where the head count came from
+    assert "1 head of 16, CLIP's 64-wide rule" in capsys.readouterr().out
     pipe = Text2CTPipeline.from_pretrained(tmp / "model")
     prompt = ["Findings: Cardiomegaly. Impression: Heart."]
     ids = tok.encode(prompt)

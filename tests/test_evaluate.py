@@ -165,7 +165,15 @@ def test_findings_agree_perfectly_on_phantoms_and_not_with_swapped_labels(phanto
     assert findings_agreement(detected, [v["labels"] for v in real], hu_max=1000.0)["notes"] == []
     metal = [list(v["labels"]) for v in real]
     metal[0][CTRATE_LABELS.index("Medical material")] = 1.0  # a report names metal the volume cannot show
-    assert "Medical material cannot be detected" in findings_agreement(detected, metal, hu_max=1000.0)["notes"][0]
+    undetectable, counted = findings_agreement(detected, metal, hu_max=1000.0), findings_agreement(detected, metal)
+    assert "Medical material cannot be detected" in undetectable["notes"][0] and counted["notes"] == []
+    assert "left out of the macro averages" in undetectable["notes"][0]
+    assert (undetectable["macro"]["labels_with_balanced_accuracy"], undetectable["macro"]["balanced_accuracy"]) \
+        == (counted["macro"]["labels_with_balanced_accuracy"] - 1, 1.0)  # its miss no longer counts
+    assert len(undetectable["rows"]) == len(counted["rows"])  # its row is still shown
+    coarse = findings_agreement(detected, [v["labels"] for v in real], coarsest_mm=6.0)["notes"]
+    assert len(coarse) == 1 and "6 mm" in coarse[0] and "over-reads" in coarse[0]
+    assert findings_agreement(detected, [v["labels"] for v in real], coarsest_mm=3.0)["notes"] == []
 
 
 # ------------------------------------------------------------------------------------------- CLIP
@@ -228,7 +236,8 @@ def test_cli_on_a_folder_of_sampled_niftis_with_a_prompt_file(work, capsys):
     vs = open_set(str(work / "tiny"), "--real")
     for i, s in enumerate(vs.studies):  # what python -m text2ct_engine.sample --prompt-file writes
         shutil.copy(s.path, gen / f"ct_{i:03d}.nii.gz")
-    (work / "prompts.txt").write_text("\n".join(s.text for s in vs.studies) + "\n", encoding="utf-8")
+    # with a byte-order mark, as some editors save it: not part of the first prompt (all 5 match their labels)
+    (work / "prompts.txt").write_text("\n".join(s.text for s in vs.studies) + "\n", encoding="utf-8-sig")
     out = work / "sampled.json"
     assert evaluate_main(["--generated", str(gen), "--prompts", str(work / "prompts.txt"), "--real",
                           str(work / "tiny"), "--clip", str(work / "clip"), "--metrics", "fid,hist,clip",

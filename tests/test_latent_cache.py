@@ -89,6 +89,11 @@ def test_cache_skips_bad_volumes_and_refuses_other_settings(data_root, tmp_path)
     other = CTRATEDataset(root, target_spacing=(6.0, 6.0, 12.0), target_size=(32, 32, 16))
     with pytest.raises(DataError, match="other settings"):
         build_latent_cache(other, TinyVAE(), out, dtype=torch.float32, progress=False)
+    strict = str(tmp_path / "strict")  # stopped at the bad file before a shard: no folder left behind
+    with pytest.raises(Exception, match="train_2_a_1"):
+        build_latent_cache(_ds(root, strict=True), TinyVAE(), strict, shard_size=100, dtype=torch.float32,
+                           progress=False)
+    assert not os.path.exists(strict)
 
 
 def test_cache_cli_errors_are_one_line(tmp_path, capsys):

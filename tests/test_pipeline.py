@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from text2ct_engine.pipeline import Text2CTPipeline
-from text2ct_engine.volume_io import save_nifti, save_preview
+from text2ct_engine.volume_io import preview_montage, save_nifti, save_preview
 
 from tiny_models import CONTEXT_DIM, tiny_pipeline
 
@@ -107,7 +107,9 @@ def test_nifti_written_atomically_with_spacing(tmp_path):
     img = nib.load(out)
     assert img.get_data_dtype() == np.int16
     np.testing.assert_allclose(img.header.get_zooms(), (0.75, 0.8, 3.0))
-    np.testing.assert_allclose(img.affine, np.diag([0.75, 0.8, 3.0, 1.0]))
+    centre = np.diag([0.75, 0.8, 3.0, 1.0])
+    centre[:3, 3] = -(np.array(img.shape) - 1) / 2 * [0.75, 0.8, 3.0]  # the volume's centre at world (0, 0, 0)
+    np.testing.assert_allclose(img.affine, centre)
     np.testing.assert_array_equal(np.asarray(img.dataobj), np.rint(vol.numpy()).astype(np.int16))
     before = out.read_bytes()
     with pytest.raises(ValueError, match="already exists"):
@@ -129,6 +131,12 @@ def test_preview_png(tmp_path):
     assert img.dtype == np.uint8 and img.ndim == 2
     assert img.max() == 255 and img.min() == 0
     assert img.shape[0] == 16  # sagittal/coronal: z 8 slices x 2 mm = 16 px; axial: y 16 px
+    # radiological convention: the patient's right (high x in RAS+) on the image's left, anterior (high y) up
+    marked = torch.full((20, 16, 8), -1000.0)
+    marked[17:19, 12:16, 4] = 1000.0  # right, anterior, in the axial mid-slice (z = 4)
+    axial = preview_montage(marked, (1.0, 1.0, 2.0))[:16, :20]
+    rows, cols = np.nonzero(axial > 127)
+    assert set(cols) <= {0, 1, 2, 3} and set(rows) <= {0, 1, 2, 3, 4}, (sorted(set(rows)), sorted(set(cols)))
 
 
 def test_tiled_decode_in_pipeline_matches_plain():
@@ -250,6 +258,15 @@ def test_loading_onto_cuda_without_a_gpu_is_one_value_error(tmp_path):
     tiny_pipeline().save_pretrained(tmp_path / "m")
     with pytest.raises(ValueError, match="no CUDA GPU is available here"):
         Text2CTPipeline.from_pretrained(tmp_path / "m", device="cuda")
+
+
+def test_half_precision_on_the_cpu_is_refused_at_load(tmp_path):
+    """torch's CPU avg_pool3d has no bf16/fp16 kernel: refused at load, not as a NotImplementedError mid-run."""
+    tiny_pipeline().save_pretrained(tmp_path / "m")
+    for dtype in (torch.bfloat16, torch.float16):
+        with pytest.raises(ValueError, match="float32 only"):
+            Text2CTPipeline.from_pretrained(tmp_path / "m", device="cpu", dtype=dtype)
+    assert Text2CTPipeline.from_pretrained(tmp_path / "m", device="cpu", dtype=torch.float32).dtype == torch.float32
 
 
 def test_sampler_state_stays_float32_when_the_unet_runs_in_bf16(monkeypatch):

@@ -150,3 +150,15 @@ def read_json_object(path: str | os.PathLike, what: str = "JSON file") -> dict[s
     if not isinstance(obj, dict):
         raise ValueError(f"{path}: the {what} must be a JSON object")
     return obj
+
+
+def read_text_lines(path: str | os.PathLike, what: str) -> list[str]:
+    """The non-blank lines of a UTF-8 text file, stripped (a byte-order mark is not text); ``what`` names the
+    file in the one-line ``ValueError`` an unreadable or non-UTF-8 file gives (e.g. ``"--prompt-file"``)."""
+    try:
+        with open(path, encoding="utf-8-sig") as fh:
+            return [line.strip() for line in fh if line.strip()]
+    except OSError as err:
+        raise ValueError(f"cannot read {what} {path}: {err.strerror}") from None
+    except UnicodeDecodeError:
+        raise ValueError(f"{what} {path} is not UTF-8 text") from None

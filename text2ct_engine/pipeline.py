@@ -190,6 +190,9 @@ class Text2CTPipeline:
             problem = cuda_problem(resolved)
             if problem is not None:
                 raise ValueError(f"device {asked} asked for, but {problem}")
+        if dtype not in (None, torch.float32) and "cpu" in (dev.type, vae_dev.type):
+            raise ValueError(f"dtype {dtype} on the CPU: torch's CPU kernels for 3D volumes (e.g. avg_pool3d) "
+                             f"run in float32 only; load with dtype=torch.float32 (or None) there")
         unet = DiffusionUNet.from_pretrained(os.path.join(directory, "unet"), device=dev, dtype=dtype)
         vae = AutoencoderKL.from_pretrained(os.path.join(directory, "vae"), device=vae_dev, dtype=dtype)
         text_encoder = tokenizer = None
@@ -373,7 +376,9 @@ class Text2CTPipeline:
         """Sample HU volumes (B, X, Y, Z) for prompts (or a ready (B, 1, D) context).
 
         ``seed`` is one int (sample i gets seed + i) or one per sample; a sample's volume depends only on
-        its prompt and seed, not on what else is in the batch.
+        its prompt and seed, not on what else is in the batch, up to float rounding (kernels may sum in
+        another order for another batch size: 0.004 HU seen on the CPU with the demo model; the CLI samples one
+        prompt at a time, so its volumes are bit for bit the same whatever the prompts around them).
         """
         if (prompts is None) == (context is None):
             raise ValueError("pass either prompts or a context tensor")

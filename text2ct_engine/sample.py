@@ -23,6 +23,7 @@ from functools import partial
 import torch
 
 from .cli import Parser, run_guarded, path as cli_path, slab as cli_slab
+from .io_utils import read_text_lines
 from .pipeline import (MAX_SEED, Text2CTPipeline, available_device, check_guidance, check_steps,
                        has_text_encoder)
 from .volume_io import check_writable, save_nifti, save_preview
@@ -49,13 +50,7 @@ def numbered(path: str, i: int, n: int) -> str:
 def read_prompts(args: argparse.Namespace) -> list[str]:
     prompts = list(args.prompt or [])
     if args.prompt_file:
-        try:
-            with open(args.prompt_file, encoding="utf-8-sig") as f:  # utf-8-sig: a BOM is not text
-                from_file = [line.strip() for line in f if line.strip()]
-        except OSError as err:
-            raise ValueError(f"cannot read --prompt-file {args.prompt_file}: {err.strerror}") from None
-        except UnicodeDecodeError:
-            raise ValueError(f"--prompt-file {args.prompt_file} is not UTF-8 text") from None
+        from_file = read_text_lines(args.prompt_file, "--prompt-file")
         if not from_file:
             raise ValueError(f"--prompt-file {args.prompt_file} holds no prompt (one prompt per line)")
         prompts += from_file

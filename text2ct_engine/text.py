@@ -96,4 +96,8 @@ def convert_clip_checkpoint(checkpoint: dict, path: str, tokenizer_path: str | N
         warnings.warn(f"{tokenizer_path} has {tokenizer.vocab_size} tokens, the text tower of {path} embeds "
                       f"{config.vocab_size}: unless it is the tokenizer that tower was trained with, prompts "
                       f"will be encoded wrongly")
-    return encoder.eval(), tokenizer, f"a {config.num_hidden_layers}-layer text tower ({config.hidden_size} wide)"
+    heads = config.num_attention_heads
+    how = "as given" if "num_attention_heads" in given else \
+        "CLIP's 64-wide rule: a checkpoint does not store the head count, --clip-config sets num_attention_heads"
+    return encoder.eval(), tokenizer, (f"a {config.num_hidden_layers}-layer text tower ({config.hidden_size} wide, "
+                                       f"{heads} head{'s' * (heads != 1)} of {config.hidden_size // heads}, {how})")

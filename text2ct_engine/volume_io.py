@@ -23,6 +23,8 @@ def check_writable(path: str | os.PathLike, overwrite: bool) -> str:
     if os.path.exists(path) and not overwrite:
         raise ValueError(f"{path} already exists: choose another path or pass --force to overwrite")
     folder = os.path.dirname(os.path.abspath(path))
+    if os.path.exists(folder) and not os.path.isdir(folder):
+        raise ValueError(f"cannot write {path}: {folder} is a file, not a folder")
     if not os.path.isdir(folder):
         raise ValueError(f"cannot write {path}: folder {folder} does not exist")
     check_creatable(path)
@@ -40,7 +42,8 @@ def to_int16_hu(volume: torch.Tensor | np.ndarray) -> np.ndarray:
 
 def save_nifti(volume: torch.Tensor | np.ndarray, spacing: Sequence[float], path: str | os.PathLike,
                overwrite: bool = False) -> str:
-    """Write an (X, Y, Z) HU volume as int16 NIfTI (``.nii`` or ``.nii.gz``) with affine diag(spacing)."""
+    """Write an (X, Y, Z) HU volume as int16 NIfTI (``.nii`` or ``.nii.gz``), RAS+ with affine diag(spacing)
+    and the volume's centre at world (0, 0, 0), as the project's phantoms are (so the two overlay in a viewer)."""
     path = check_writable(path, overwrite)
     arr = _as_array(volume)
     if not np.isfinite(arr).all():
@@ -48,13 +51,16 @@ def save_nifti(volume: torch.Tensor | np.ndarray, spacing: Sequence[float], path
     data = to_int16_hu(arr)
     if data.ndim != 3:
         raise ValueError(f"a volume must be 3-D (X, Y, Z), got shape {data.shape}")
-    write_volume(path, data, np.diag([*map(float, spacing), 1.0]))
+    affine = np.diag([*map(float, spacing), 1.0])
+    affine[:3, 3] = -(np.array(data.shape) - 1) / 2 * affine.diagonal()[:3]
+    write_volume(path, data, affine)
     return path
 
 
 def preview_montage(volume: torch.Tensor | np.ndarray, spacing: Sequence[float],
                     window: tuple[float, float] = (-1000.0, 1000.0)) -> np.ndarray:
-    """Axial, coronal and sagittal mid-slices side by side, resampled to square pixels, as uint8 (H, W)."""
+    """Axial, coronal and sagittal mid-slices side by side, resampled to square pixels, as uint8 (H, W), in the
+    radiological convention (the patient's right on the image's left; anterior / superior up)."""
     from PIL import Image
 
     arr = volume.detach().cpu().float().numpy() if isinstance(volume, torch.Tensor) else np.asarray(volume, float)
@@ -66,8 +72,9 @@ def preview_montage(volume: torch.Tensor | np.ndarray, spacing: Sequence[float],
     mm_per_px = min(sx, sy, sz)
     for plane, su, sv in views:
         img8 = np.clip((plane - lo) / (hi - lo) * 255.0, 0, 255).astype(np.uint8)
-        # rows = second axis flipped so anterior / superior is up, columns = first axis
-        img = Image.fromarray(np.flipud(img8.T))
+        # radiological convention: rows = second axis flipped (anterior / superior up), columns = first axis
+        # flipped (the patient's right on the image's left; in the sagittal view anterior on the left)
+        img = Image.fromarray(np.ascontiguousarray(img8.T[::-1, ::-1]))
         w, h = max(1, round(plane.shape[0] * su / mm_per_px)), max(1, round(plane.shape[1] * sv / mm_per_px))
         tiles.append(np.asarray(img.resize((w, h), Image.BILINEAR)))
     height = max(t.shape[0] for t in tiles)

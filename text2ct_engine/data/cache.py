@@ -140,7 +140,6 @@ def build_latent_cache(dataset: CTRATEDataset, vae: torch.nn.Module, out_dir: st
     if os.path.isdir(out_dir) and os.listdir(out_dir) and not os.path.exists(os.path.join(out_dir, INDEX)):
         raise DataError(f"--out {out_dir} holds files but no {INDEX}: it is not a latent cache; give a new or "
                         f"empty folder, or an existing cache to resume")
-    os.makedirs(out_dir, exist_ok=True)
     config = cache_config(dataset, vae_name, dtype, module_digest(vae))
     device = torch.device(device)
     if device.type == "cuda":  # encoded in bf16 (see volume_encoder)
@@ -162,6 +161,7 @@ def build_latent_cache(dataset: CTRATEDataset, vae: torch.nn.Module, out_dir: st
         if not buf:
             return
         name = f"shard-{len(idx['shards']):05d}.safetensors"
+        os.makedirs(out_dir, exist_ok=True)  # made with the first shard: a run that stops before leaves nothing
         path = os.path.join(out_dir, name)
         with atomic_path(path) as tmp:
             save_file(buf, tmp, metadata={"format": "pt"})
@@ -195,6 +195,7 @@ def build_latent_cache(dataset: CTRATEDataset, vae: torch.nn.Module, out_dir: st
                 flush()
     flush()
     if idx["skipped"]:
+        os.makedirs(out_dir, exist_ok=True)
         write_json(os.path.join(out_dir, INDEX), idx)
     bar.close()
     return idx

@@ -142,6 +142,8 @@ def build_index(root: str, split: str = "train", log: BadDataLog | None = None, 
                 require_report: bool = True) -> tuple[list[Record], BadDataLog]:
     """Match volumes with report, label and metadata rows; every mismatch goes to ``log``."""
     log = log if log is not None else BadDataLog()
+    if not os.path.isdir(root):
+        raise DataError(f"data folder {root} does not exist")
     base = dataset_root(root)
     vol_dir = find_volume_dir(base, split)
     if vol_dir is None:

@@ -13,12 +13,13 @@ from typing import Mapping, Sequence
 import numpy as np
 
 from ..data.labels import CTRATE_LABELS
-from .findings import FINDING_KEYS
+from .findings import FINDING_KEYS, WORK_MM
 
 # detector key -> CT-RATE column ("lung_nodule" -> "Lung nodule")
 LABEL_OF = {k: k.replace("_", " ").capitalize() for k in FINDING_KEYS}
 assert set(LABEL_OF.values()) <= set(CTRATE_LABELS)
 METAL_HU = 1500.0  # the detector reads medical material as voxels above this
+COARSEST_MM = 3.5  # validated at WORK_MM voxels; coarser volumes are upsampled and over-read the fluid findings
 
 
 def truth_matrix(labels: Sequence[Sequence[float]]) -> np.ndarray:
@@ -66,13 +67,25 @@ def agreement_table(predicted: np.ndarray, truth: np.ndarray, names: Sequence[st
 
 
 def findings_agreement(detected: Sequence[Mapping[str, bool]], labels: Sequence[Sequence[float]],
-                       hu_max: float | None = None) -> dict:
-    """:func:`agreement_table` of detections vs report labels; notes medical material when reports name it
-    but the volumes never reach the HU metal needs (e.g. generated volumes clipped to [-1000, 1000] HU)."""
-    table = agreement_table(detection_matrix(detected), truth_matrix(labels))
-    table["notes"] = []
-    metal = next(r for r in table["rows"] if r["label"] == LABEL_OF["medical_material"])
-    if hu_max is not None and hu_max <= METAL_HU and metal["positives"]:
-        table["notes"].append(f"Medical material cannot be detected: it needs voxels above {METAL_HU:g} HU and "
-                              f"these volumes reach {hu_max:g} HU at most")
+                       hu_max: float | None = None, coarsest_mm: float | None = None) -> dict:
+    """:func:`agreement_table` of detections vs report labels, with notes: medical material, when the volumes
+    never reach the HU metal needs (e.g. generated volumes clipped to [-1000, 1000] HU), is left out of the
+    macro averages; voxels coarser than ``COARSEST_MM`` (``coarsest_mm``: the largest voxel edge) are named."""
+    truth, predicted = truth_matrix(labels), detection_matrix(detected)
+    keep = list(range(len(FINDING_KEYS)))
+    notes = []
+    metal = FINDING_KEYS.index("medical_material")
+    if hu_max is not None and hu_max <= METAL_HU:
+        keep.remove(metal)
+    if hu_max is not None and hu_max <= METAL_HU and truth[:, metal].any():
+        notes.append(f"Medical material cannot be detected: it needs voxels above {METAL_HU:g} HU and these volumes "
+                     f"reach {hu_max:g} HU at most; it is left out of the macro averages")
+    if coarsest_mm is not None and coarsest_mm > COARSEST_MM:
+        notes.append(f"voxels of up to {coarsest_mm:g} mm: the detector is validated at {WORK_MM:g} mm and over-reads "
+                     f"the fluid findings (pleural/pericardial effusion) above {COARSEST_MM:g} mm; sample at "
+                     f"<= {WORK_MM:g} mm where it is the yardstick")
+    table = agreement_table(predicted, truth)
+    table["macro"] = agreement_table(predicted[:, keep], truth[:, keep],
+                                     [table["rows"][j]["label"] for j in keep])["macro"]
+    table["notes"] = notes
     return table

@@ -127,7 +127,7 @@ def _findings(pairs: list[tuple[Study, Measurement]]) -> dict | None:
     if not labelled:
         return None
     table = findings_agreement([m.detected for _, m in labelled], [s.labels for s, _ in labelled],
-                               max(m.hu_max for _, m in pairs))
+                               max(m.hu_max for _, m in pairs), max(max(m.spacing) for _, m in labelled))
     table["unlabelled"] = len(pairs) - len(labelled)
     return table
 

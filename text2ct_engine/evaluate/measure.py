@@ -39,6 +39,7 @@ class Measurement:
     histogram: np.ndarray | None = None
     detected: dict[str, bool] | None = None
     hu_max: float | None = None
+    spacing: tuple[float, float, float] | None = None  # mm per voxel, as read
     features: np.ndarray | None = None  # pooled volume-tower features (hidden,)
     embedding: np.ndarray | None = None  # normalised CLIP volume embedding (P,)
 
@@ -56,7 +57,7 @@ class _Reader(Dataset):
             hu, spacing = read_hu(study)
         except BadDataError as err:
             return {"index": i, "error": err.reason}
-        out: dict = {"index": i, "hu_max": float(hu.max())}
+        out: dict = {"index": i, "hu_max": float(hu.max()), "spacing": tuple(map(float, spacing))}
         if self.needs.histogram:
             out["histogram"] = body_histogram(hu.numpy(), spacing)
         if self.needs.findings:
@@ -86,7 +87,7 @@ def measure_studies(studies: list[Study], needs: Needs,
     for item in loader:
         study = studies[todo[item["index"]]]
         m = Measurement(study.name, error=item.get("error"), histogram=item.get("histogram"),
-                        detected=item.get("detected"), hu_max=item.get("hu_max"))
+                        detected=item.get("detected"), hu_max=item.get("hu_max"), spacing=item.get("spacing"))
         if m.error is None and features is not None:
             pooled, embed = features(item["clip_input"])
             m.features, m.embedding = pooled[0], embed[0]

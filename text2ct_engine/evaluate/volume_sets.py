@@ -28,6 +28,7 @@ import torch
 from ..data.ctrate import VOLUME_EXTS, build_index, dataset_root, find_csv, find_volume_dir, read_csv
 from ..data.errors import BadDataLog, DataError
 from ..data.labels import CTRATE_LABELS
+from ..io_utils import read_text_lines
 from ..data.nifti import read_volume
 from ..data.transforms import reorient_to_ras, warn_if_not_ct
 
@@ -129,11 +130,7 @@ def _open_folder(path: str, flag: str, prompts: str | None) -> VolumeSet:
 
 
 def _read_prompt_lines(path: str, studies: list[Study]) -> None:
-    try:
-        with open(path, encoding="utf-8") as fh:
-            lines = [line.strip() for line in fh if line.strip()]
-    except UnicodeDecodeError:
-        raise ValueError(f"prompt file {path} is not UTF-8 text") from None
+    lines = read_text_lines(path, "prompt file")
     if len(lines) != len(studies):
         raise ValueError(f"prompt file {path} has {len(lines)} prompts for {len(studies)} volumes: one line per "
                          f"volume, in the volumes' name order")
