@@ -7,8 +7,9 @@
 # Every stage uses the project's own CLIs with the exact settings of the shipped model; seeds are fixed and
 # OMP_NUM_THREADS=1 (float reductions depend on the thread count), so a rerun with the same torch on the same
 # kind of CPU gives the same weights: rerun 2026-12-01, the phantoms, tokenizer, VAE and CLIP came out
-# bit-identical; the CLIP (then given --label-weight 16) and UNet shipped were retrained that day from the
-# rerun's tokenizer, VAE and cache with these flags (not run twice at full size: see benchmarks/RESULTS.md).
+# bit-identical; the CLIP (then given --label-weight 16) shipped was retrained that day from the rerun's
+# tokenizer and VAE, the UNet on 2026-12-02 (zero init, EMA warm-up) by stages 1, 5-7 and 9 on the shipped VAE
+# and text tower, with these flags (not run twice at full size: see benchmarks/RESULTS.md).
 # Wall time of each stage goes to $RUN/times.txt.
 # Measured 2026-11-25 on the 2-core CI machine (AMD EPYC, torch 2.13.0+cpu) while other jobs shared it (see
 # benchmarks/RESULTS.md, "Phantom demo model"): phantoms 5.2 min, tokenizer 6 s, VAE 22 min and CLIP 15.5 min

@@ -94,6 +94,10 @@ def test_cache_skips_bad_volumes_and_refuses_other_settings(data_root, tmp_path)
         build_latent_cache(_ds(root, strict=True), TinyVAE(), strict, shard_size=100, dtype=torch.float32,
                            progress=False)
     assert not os.path.exists(strict)
+    (tmp_path / "plain").write_text("")
+    with pytest.raises(ValueError, match="is a file, not a folder"):  # before any volume is encoded
+        build_latent_cache(_ds(root), TinyVAE(), str(tmp_path / "plain" / "cache"), dtype=torch.float32,
+                           progress=False)
 
 
 def test_cache_cli_errors_are_one_line(tmp_path, capsys):

@@ -95,6 +95,28 @@ def test_resume_is_exact(tmp_path):
         torch.testing.assert_close(resumed.unet.state_dict()[k], v, rtol=1e-6, atol=1e-7)
 
 
+def test_ema_update_count_goes_through_a_checkpoint(tmp_path):
+    """The warm-up's update count is saved with the EMA and restored on resume; a checkpoint written before the
+    warm-up existed (no count) goes on without a warm-up, as it ran."""
+    from safetensors.torch import load_file, save_file
+
+    from text2ct_engine.train.common import load_training_state, save_training_state
+    model = torch.nn.Linear(3, 2)
+    opt = torch.optim.AdamW(model.parameters())
+    ema = EMA(model, decay=0.999)
+    for _ in range(7):
+        ema.update(model)
+    save_training_state(str(tmp_path), 9, model, opt, ema)  # 9 steps, 2 of them skipped: 7 updates
+    resumed = EMA(model, decay=0.999)
+    load_training_state(str(tmp_path), model, opt, resumed)
+    assert resumed.updates == 7 and resumed.current_decay() == pytest.approx(8 / 17)
+    path = tmp_path / "ema.safetensors"
+    save_file(load_file(path), path)  # as written before the count was kept: no metadata
+    old = EMA(model, decay=0.999)
+    load_training_state(str(tmp_path), model, opt, old)
+    assert old.current_decay() == 0.999
+
+
 def test_ema_and_scale_factor():
     model = torch.nn.Linear(3, 2)
     ema = EMA(model, decay=0.5)

@@ -227,6 +227,8 @@ def test_interrupted_run_resumes_with_an_exact_log_and_checkpoint(phantoms, tmp_
 def test_an_unreadable_volume_is_named_once_and_summed_up_at_the_end(phantoms, tmp_path, capsys):
     import shutil
 
+    from safetensors.torch import load_file
+
     from text2ct_engine.data import ctrate
 
     root = tmp_path / "d"
@@ -237,7 +239,7 @@ def test_an_unreadable_volume_is_named_once_and_summed_up_at_the_end(phantoms, t
     ctrate._REPORTED.discard(str(bad))
     lines = []
     # 5 volumes, batch 1, 10 steps: two epochs, so the bad file comes up twice
-    cfg = config(steps=10, batch_size=1, save_every=1, warmup_steps=12)  # a learning rate that moves each step
+    cfg = config(steps=10, batch_size=1, save_every=1, warmup_steps=12, ema_decay=0.9)  # lr moves each step
     train_vae(tiny_vae(), dataset(root), cfg, str(tmp_path / "run"), log=lines.append, collate_fn=ctrate.collate)
     err = capsys.readouterr().err
     assert err.count(f"skipped {bad}") == 1, err
@@ -255,6 +257,8 @@ def test_an_unreadable_volume_is_named_once_and_summed_up_at_the_end(phantoms, t
     rows = [[{k: v for k, v in json.loads(line).items() if k != "seconds"}
              for line in (tmp_path / run / "loss.jsonl").read_text().splitlines()] for run in ("run", "b")]
     assert rows[0] == rows[1] and len({r["lr"] for r in rows[0]}) == len(rows[0]) == 8
+    a, b = (load_file(tmp_path / run / "checkpoint" / "ema.safetensors") for run in ("run", "b"))
+    assert all(torch.equal(a[k], b[k]) for k in a)  # the EMA's warm-up counted 8 updates in 10 steps, both ways
 
 
 def test_checkpoint_records_the_precision_and_adversarial_weight_that_ran(phantoms, tmp_path):

@@ -190,9 +190,9 @@ class Text2CTPipeline:
             problem = cuda_problem(resolved)
             if problem is not None:
                 raise ValueError(f"device {asked} asked for, but {problem}")
-        if dtype not in (None, torch.float32) and "cpu" in (dev.type, vae_dev.type):
+        if dtype in (torch.float16, torch.bfloat16) and "cpu" in (dev.type, vae_dev.type):
             raise ValueError(f"dtype {dtype} on the CPU: torch's CPU kernels for 3D volumes (e.g. avg_pool3d) "
-                             f"run in float32 only; load with dtype=torch.float32 (or None) there")
+                             f"have no half precision; load with dtype=torch.float32 (or None) there")
         unet = DiffusionUNet.from_pretrained(os.path.join(directory, "unet"), device=dev, dtype=dtype)
         vae = AutoencoderKL.from_pretrained(os.path.join(directory, "vae"), device=vae_dev, dtype=dtype)
         text_encoder = tokenizer = None

@@ -48,12 +48,12 @@ class RFlowScheduler:
     from T down, shifted by :func:`timestep_transform` for the latent's size, and (as MONAI does) rounded
     through float16.
 
-    Two differences from MONAI's ``RFlowScheduler``, kept on purpose: (1) as MONAI, ``step`` truncates the
-    timestep it goes to (``int(next_timestep)``) while the fp16 timesteps have fractions, so the Euler steps
-    add up to slightly more than the whole flow (1.0087 of it for a 128x128x32 latent at 30 steps, 1.012 for
-    the demo model's 16x16x8): a velocity that points at x0 from where the sample is corrects for it, a
-    constant one overshoots by that much. It is the sampler the Text2CT weights were evaluated with.
-    (2) ``transform_scale`` is applied here; MONAI accepts it and ignores it (the same at its default of 1).
+    Two things to know: (1) as in MONAI, ``step`` truncates the timestep it goes to (``int(next_timestep)``)
+    while the fp16 timesteps have fractions, so the Euler steps add up to slightly more than the whole flow
+    (1.0087 of it for a 128x128x32 latent at 30 steps, 1.012 for the demo model's 16x16x8): a velocity that
+    points at x0 from where the sample is corrects for it, a constant one overshoots by that much. It is the
+    sampler the Text2CT weights were evaluated with, so it is kept.
+    (2) ``transform_scale`` is applied here, where MONAI accepts it and ignores it (the same at its default 1).
     """
 
     def __init__(self, config: RFlowConfig | None = None, **kwargs) -> None:

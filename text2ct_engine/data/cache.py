@@ -37,7 +37,7 @@ from safetensors.torch import save_file
 from torch.utils.data import DataLoader, Dataset
 
 from ..cli import Parser as CLIParser, path as cli_path, run_guarded, slab as cli_slab
-from ..io_utils import atomic_path, write_json
+from ..io_utils import atomic_path, check_creatable, write_json
 from ..tiling import SlabEncoder, auto_slab
 from .ctrate import CTRATEDataset, collate, dataset_root
 from .errors import BadDataError, DataError
@@ -140,6 +140,8 @@ def build_latent_cache(dataset: CTRATEDataset, vae: torch.nn.Module, out_dir: st
     if os.path.isdir(out_dir) and os.listdir(out_dir) and not os.path.exists(os.path.join(out_dir, INDEX)):
         raise DataError(f"--out {out_dir} holds files but no {INDEX}: it is not a latent cache; give a new or "
                         f"empty folder, or an existing cache to resume")
+    if not os.path.isdir(out_dir):
+        check_creatable(out_dir)  # made with the first shard (a run that stops before leaves nothing), so check now
     config = cache_config(dataset, vae_name, dtype, module_digest(vae))
     device = torch.device(device)
     if device.type == "cuda":  # encoded in bf16 (see volume_encoder)

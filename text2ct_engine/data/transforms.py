@@ -3,7 +3,7 @@ it to [0, 1], resample to a target spacing (trilinear), then crop/pad (or resize
 
 Layout everywhere: a volume is (X, Y, Z) in RAS+ order (axis 0 toward the patient's right, 1 anterior,
 2 superior) and a model input is (1, X, Y, Z); spacing is (sx, sy, sz) in mm. This matches MAISI's
-(channel, x, y, z) layout and the engine's NIfTI writer (affine diag(spacing)).
+(channel, x, y, z) layout and the engine's NIfTI writer (affine diag(spacing), the volume centred at world 0).
 """
 from __future__ import annotations
 

@@ -68,22 +68,21 @@ def agreement_table(predicted: np.ndarray, truth: np.ndarray, names: Sequence[st
 
 def findings_agreement(detected: Sequence[Mapping[str, bool]], labels: Sequence[Sequence[float]],
                        hu_max: float | None = None, coarsest_mm: float | None = None) -> dict:
-    """:func:`agreement_table` of detections vs report labels, with notes: medical material, when the volumes
-    never reach the HU metal needs (e.g. generated volumes clipped to [-1000, 1000] HU), is left out of the
-    macro averages; voxels coarser than ``COARSEST_MM`` (``coarsest_mm``: the largest voxel edge) are named."""
+    """:func:`agreement_table` of detections vs report labels, with notes: medical material, when ``hu_max`` (the
+    highest HU the volumes reach; pass the lower of two sets compared) is under what metal needs (e.g. generated
+    volumes clipped to [-1000, 1000] HU), is left out of the macro averages; voxels coarser than
+    ``COARSEST_MM`` (``coarsest_mm``: the largest voxel edge) are named."""
     truth, predicted = truth_matrix(labels), detection_matrix(detected)
     keep = list(range(len(FINDING_KEYS)))
     notes = []
-    metal = FINDING_KEYS.index("medical_material")
     if hu_max is not None and hu_max <= METAL_HU:
-        keep.remove(metal)
-    if hu_max is not None and hu_max <= METAL_HU and truth[:, metal].any():
-        notes.append(f"Medical material cannot be detected: it needs voxels above {METAL_HU:g} HU and these volumes "
+        keep.remove(FINDING_KEYS.index("medical_material"))
+        notes.append(f"Medical material cannot be detected: it needs voxels above {METAL_HU:g} HU and the volumes "
                      f"reach {hu_max:g} HU at most; it is left out of the macro averages")
     if coarsest_mm is not None and coarsest_mm > COARSEST_MM:
         notes.append(f"voxels of up to {coarsest_mm:g} mm: the detector is validated at {WORK_MM:g} mm and over-reads "
-                     f"the fluid findings (pleural/pericardial effusion) above {COARSEST_MM:g} mm; sample at "
-                     f"<= {WORK_MM:g} mm where it is the yardstick")
+                     f"the fluid findings (pleural/pericardial effusion) above {COARSEST_MM:g} mm; use volumes "
+                     f"of <= {WORK_MM:g} mm where it is the yardstick")
     table = agreement_table(predicted, truth)
     table["macro"] = agreement_table(predicted[:, keep], truth[:, keep],
                                      [table["rows"][j]["label"] for j in keep])["macro"]

@@ -122,12 +122,12 @@ def _readable(vs: VolumeSet, measured: list[Measurement]) -> list[tuple[Study, M
     return pairs
 
 
-def _findings(pairs: list[tuple[Study, Measurement]]) -> dict | None:
+def _findings(pairs: list[tuple[Study, Measurement]], hu_max: float) -> dict | None:
     labelled = [(s, m) for s, m in pairs if s.labels is not None]
     if not labelled:
         return None
     table = findings_agreement([m.detected for _, m in labelled], [s.labels for s, _ in labelled],
-                               max(m.hu_max for _, m in pairs), max(max(m.spacing) for _, m in labelled))
+                               hu_max, max(max(m.spacing) for _, m in labelled))
     table["unlabelled"] = len(pairs) - len(labelled)
     return table
 
@@ -182,7 +182,9 @@ def evaluate(generated: str, real: str, opts: EvalOptions | None = None, log: Ca
                              "voxel is air connected to the border): are they CT volumes in HU?")
         results["hist"] = histogram_distance(hg, hr)
     if "findings" in metrics:
-        results["findings"] = {"generated": _findings(g), "real": _findings(r)}
+        # one label set for both tables: metal is left out of both if either set cannot show it
+        hu_max = min(max(m.hu_max for _, m in pairs) for pairs in (g, r))
+        results["findings"] = {"generated": _findings(g, hu_max), "real": _findings(r, hu_max)}
     if "clip" in metrics:
         note = TruncationNote(log)  # one truncation note for both sets
         gen_scores, cosines[0] = _alignment(model, tokenizer, g, opts.batch_size, note)

@@ -270,7 +270,7 @@ class DiffusionUNet(PretrainedMixin, nn.Module):
 
     def _zero_init(self) -> None:
         """As MONAI: each residual branch's last conv (ResBlock ``conv2``, transformer ``proj_out``) and the
-        output conv start at zero, so a fresh UNet is the identity along its skips and predicts 0."""
+        output conv start at zero, so each fresh ResBlock / transformer returns its shortcut and the UNet predicts 0."""
         last = [m.conv2 for m in self.modules() if isinstance(m, ResnetBlock)]
         last += [m.proj_out for m in self.modules() if isinstance(m, SpatialTransformer)] + [self.out[2]]
         with torch.no_grad():

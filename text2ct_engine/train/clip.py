@@ -44,7 +44,7 @@ from ..precision import bf16_autocast
 from .common import (EMA, LossLog, TruncationNote, add_config_flags, add_run_flags, apply_gradients,
                      autocast_enabled, check_batch_size, check_intervals, check_optimizer_settings, checkpoint_state,
                      device_resolved, for_device, held_out_split, load_training_state, open_run, resumable_batches,
-                     run_settings, save_training_state, typed_settings, warmup_schedule)
+                     run_settings, save_training_state, skip_step, typed_settings, warmup_schedule)
 
 # settings a resume may change (they do not change the math); so may steps, with a constant lr schedule
 FREE_ON_RESUME = ("log_every", "save_every", "eval_every", "num_workers", "gradient_checkpointing")
@@ -79,9 +79,10 @@ class CLIPTrainConfig:
         self.ema_decay = self.ema_decay or None  # 0 means off
 
     def validate(self) -> None:
-        if self.steps < 1 or self.batch_size < 2:
-            raise ValueError("steps must be at least 1 and batch_size at least 2 (a contrastive batch needs "
-                             "negatives)")
+        check_intervals(self, ("steps",))
+        if self.batch_size < 2:
+            raise ValueError(f"batch_size (--batch-size) must be at least 2 (a contrastive batch needs negatives), "
+                             f"got {self.batch_size}")
         if len(self.size) != 3 or min(self.size) < 1 or (self.spacing is not None and len(self.spacing) != 3):
             raise ValueError(f"size {self.size} and spacing {self.spacing} must be three positive numbers each")
         for name, allowed in (("lr_schedule", ("cosine", "constant")), ("resize", ("resize", "crop_pad"))):
@@ -218,8 +219,8 @@ def read_preprocessing(directory: str) -> dict[str, Any]:
 
 
 def save_checkpoint(ckpt_dir: str, step: int, model: CLIP3D, tokenizer: CLIPTokenizer, optimizer: torch.optim.Optimizer,
-                    ema: EMA | None, cfg: CLIPTrainConfig, readout: LabelReadout | None = None,
-                    resolved_on_device: Sequence[str] = ()) -> None:
+                    ema: EMA | None, cfg: CLIPTrainConfig, readout: LabelReadout | None,
+                    resolved_on_device: Sequence[str]) -> None:
     """The resumable state, plus ``config.json`` and ``tokenizer.json``: the folder is also a CLIP3D directory,
     so a resumed run rebuilds the same model from it. It is written beside ``ckpt_dir`` and swapped in whole."""
     with atomic_dir(ckpt_dir) as tmp:
@@ -261,8 +262,9 @@ def train_clip(model: CLIP3D, tokenizer: CLIPTokenizer, dataset: Dataset, cfg: C
     ema = EMA(model, cfg.ema_decay) if cfg.ema_decay else None
     step = 0
     if resuming:
-        saved_steps = ((checkpoint_state(out_dir) or {}).get("config") or {}).get("steps", cfg.steps)
-        if cfg.lr_schedule == "cosine" and saved_steps != cfg.steps:
+        saved = (checkpoint_state(out_dir) or {}).get("config") or {}
+        saved_steps = saved.get("steps", cfg.steps)
+        if saved.get("lr_schedule", cfg.lr_schedule) == "cosine" and saved_steps != cfg.steps:
             raise ValueError(f"cannot take this run from {saved_steps} to {cfg.steps} steps: its cosine learning "
                              f"rate falls to 0 at step {saved_steps}; resume with --steps {saved_steps}, or go on from "
                              f"{ckpt_dir} with --init into a new --out (a --lr-schedule constant run can be extended)")
@@ -282,7 +284,7 @@ def train_clip(model: CLIP3D, tokenizer: CLIPTokenizer, dataset: Dataset, cfg: C
         done = step + 1
         if batch["volume"] is None or len(batch["text"]) < 2:
             log(f"step {done}: skipped, fewer than two readable pairs in the batch")
-            schedule.step()
+            skip_step(schedule)
         else:
             loss, parts = clip_loss(model, tokenizer, batch, device, autocast, note, readout, cfg.label_weight)
             norm = apply_gradients(loss, optimizer, cfg.grad_clip, step, schedule)
@@ -291,7 +293,7 @@ def train_clip(model: CLIP3D, tokenizer: CLIPTokenizer, dataset: Dataset, cfg: C
             if ema is not None:
                 ema.update(model)
             if done % cfg.log_every == 0 or done == cfg.steps:
-                temperature = 1.0 / model.logit_scale.detach().clamp(max=LOGIT_SCALE_MAX).exp().item()
+                temperature = 1.0 / model.logit_scale.detach().exp().item()  # capped after each step
                 losses.log(step=done, loss=loss.item(), **{f"{k}_loss": v for k, v in parts.items()}, grad_norm=norm,
                            lr=schedule.get_last_lr()[0], temperature=temperature,
                            seconds=round(time.perf_counter() - start, 2))

@@ -31,6 +31,7 @@ class EMA:
     Warm-up (as diffusers' ``EMAModel``): update n (from 0) uses d = min(decay, (1 + n) / (10 + n)), so a short
     run from scratch does not keep its random initial weights (0.999 ** 1000 = 37 % of them without it)."""
 
+    NO_WARMUP = 10 ** 12  # an update count past any warm-up
     def __init__(self, model: torch.nn.Module, decay: float = 0.999, device: str | torch.device | None = None
                  ) -> None:
         if not 0.0 < decay < 1.0:
@@ -118,8 +119,8 @@ def load_training_state(directory: str, model: torch.nn.Module, optimizer: torch
     ema_path = os.path.join(directory, "ema.safetensors")
     if ema is not None and os.path.isfile(ema_path):
         ema.shadow = load_file(ema_path, device=str(ema.device or device))
-        with safe_open(ema_path, "pt") as f:  # a checkpoint from before the warm-up: past it, one update per step
-            ema.updates = int((f.metadata() or {}).get("updates", state["step"]))
+        with safe_open(ema_path, "pt") as f:  # a checkpoint from before the warm-up goes on without one, as it ran
+            ema.updates = int((f.metadata() or {}).get("updates", EMA.NO_WARMUP))
     optimizer.load_state_dict(torch.load(os.path.join(directory, "optimizer.pt"), map_location=device,
                                          weights_only=True))
     if schedule is not None:
@@ -375,6 +376,14 @@ def apply_gradients(loss: torch.Tensor, optimizer: torch.optim.Optimizer, grad_c
         schedule.step()
     optimizer.zero_grad(set_to_none=True)
     return float(norm)
+
+
+def skip_step(schedule: torch.optim.lr_scheduler.LRScheduler) -> None:
+    """Advance ``schedule`` over a step whose batch was unreadable: it counts steps, skipped or not, as a resume
+    sets it (``last_epoch = step``). Without torch's warning about a schedule step before any optimizer step."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)` before")
+        schedule.step()
 
 
 class TruncationNote:

@@ -38,7 +38,7 @@ from ..precision import bf16_autocast
 from .common import (EMA, LossLog, add_config_flags, add_run_flags, apply_gradients, check_batch_size,
                      check_intervals, check_optimizer_settings, check_resumed_config, checkpoint_state,
                      device_resolved, for_device, held_out_split, load_training_state, log_taken, open_run, resumable_batches, run_settings,
-                     save_training_state, warmup_schedule)
+                     save_training_state, skip_step, warmup_schedule)
 
 # how the CLI makes its volumes (--val: without a valid split, the held-out volumes leave the training set)
 DATA_DEFAULTS = {"size": (512, 512, 128), "spacing": (0.75, 0.75, 3.0), "mode": "crop_pad", "val": 4}
@@ -240,7 +240,7 @@ def train_vae(vae: AutoencoderKL, dataset: Dataset, cfg: VAETrainConfig, out_dir
                     + " ".join(f"{k} {v:.4g}" for k, v in terms.items()) + f" grad {norm:.3f}")
         else:
             log(f"step {done}: every volume of the batch was unreadable; step skipped")
-            schedule.step()  # the schedule counts steps, skipped or not, as a resume sets it (last_epoch = step)
+            skip_step(schedule)
         if val_volumes and (done % cfg.eval_every == 0 or done == cfg.steps):
             with ema.applied(vae) if ema is not None else contextlib.nullcontext():
                 scores = evaluate_vae(vae, val_volumes, hu_window, cfg.eval_slab, autocast)
