@@ -288,7 +288,7 @@ def train_clip(model: CLIP3D, tokenizer: CLIPTokenizer, dataset: Dataset, cfg: C
         else:
             loss, parts = clip_loss(model, tokenizer, batch, device, autocast, note, readout, cfg.label_weight)
             norm = apply_gradients(loss, optimizer, cfg.grad_clip, step, schedule)
-            with torch.no_grad():  # cap the parameter, not the forward: a capped forward would stop its gradient
+            with torch.no_grad():  # capped in place (as OpenCLIP): past the forward's cap it would get no gradient
                 model.logit_scale.clamp_(0.0, LOGIT_SCALE_MAX)
             if ema is not None:
                 ema.update(model)

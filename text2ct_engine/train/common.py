@@ -32,6 +32,7 @@ class EMA:
     run from scratch does not keep its random initial weights (0.999 ** 1000 = 37 % of them without it)."""
 
     NO_WARMUP = 10 ** 12  # an update count past any warm-up
+
     def __init__(self, model: torch.nn.Module, decay: float = 0.999, device: str | torch.device | None = None
                  ) -> None:
         if not 0.0 < decay < 1.0:

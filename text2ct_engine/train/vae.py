@@ -37,8 +37,8 @@ from ..models.vae import AutoencoderKL, AutoencoderKLConfig
 from ..precision import bf16_autocast
 from .common import (EMA, LossLog, add_config_flags, add_run_flags, apply_gradients, check_batch_size,
                      check_intervals, check_optimizer_settings, check_resumed_config, checkpoint_state,
-                     device_resolved, for_device, held_out_split, load_training_state, log_taken, open_run, resumable_batches, run_settings,
-                     save_training_state, skip_step, warmup_schedule)
+                     device_resolved, for_device, held_out_split, load_training_state, log_taken, open_run,
+                     resumable_batches, run_settings, save_training_state, skip_step, warmup_schedule)
 
 # how the CLI makes its volumes (--val: without a valid split, the held-out volumes leave the training set)
 DATA_DEFAULTS = {"size": (512, 512, 128), "spacing": (0.75, 0.75, 3.0), "mode": "crop_pad", "val": 4}
