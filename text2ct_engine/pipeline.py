@@ -158,6 +158,10 @@ def has_text_encoder(directory: str | os.PathLike) -> bool:
     return os.path.isdir(os.path.join(directory, "clip"))
 
 
+# torch's CPU kernels for 3D volumes (e.g. avg_pool3d) have no half precision: sampling there is float32
+HALF_PRECISION = (torch.float16, torch.bfloat16)
+
+
 class Text2CTPipeline:
     """Assembled sampler; build with :meth:`from_pretrained` or from components."""
 
@@ -190,7 +194,7 @@ class Text2CTPipeline:
             problem = cuda_problem(resolved)
             if problem is not None:
                 raise ValueError(f"device {asked} asked for, but {problem}")
-        if dtype in (torch.float16, torch.bfloat16) and "cpu" in (dev.type, vae_dev.type):
+        if dtype in HALF_PRECISION and "cpu" in (dev.type, vae_dev.type):
             raise ValueError(f"dtype {dtype} on the CPU: torch's CPU kernels for 3D volumes (e.g. avg_pool3d) "
                              f"have no half precision; load with dtype=torch.float32 (or None) there")
         unet = DiffusionUNet.from_pretrained(os.path.join(directory, "unet"), device=dev, dtype=dtype)

@@ -24,7 +24,7 @@ import torch
 
 from .cli import Parser, run_guarded, path as cli_path, slab as cli_slab
 from .io_utils import read_text_lines
-from .pipeline import (MAX_SEED, Text2CTPipeline, available_device, check_guidance, check_steps,
+from .pipeline import (HALF_PRECISION, MAX_SEED, Text2CTPipeline, available_device, check_guidance, check_steps,
                        has_text_encoder)
 from .volume_io import check_writable, save_nifti, save_preview
 
@@ -130,7 +130,7 @@ def pick_device(args: argparse.Namespace) -> tuple[torch.device, torch.dtype]:
     """--device and --dtype: a device that is here, and a dtype it can sample in."""
     device = available_device(args.device)
     dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
-    if device.type == "cpu" and dtype != torch.float32:
+    if device.type == "cpu" and dtype in HALF_PRECISION:
         raise ValueError(f"--dtype {args.dtype}: sampling on the CPU supports float32 only; leave --dtype out "
                          f"or use --device cuda")
     return device, dtype

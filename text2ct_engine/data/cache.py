@@ -141,7 +141,7 @@ def build_latent_cache(dataset: CTRATEDataset, vae: torch.nn.Module, out_dir: st
         raise DataError(f"--out {out_dir} holds files but no {INDEX}: it is not a latent cache; give a new or "
                         f"empty folder, or an existing cache to resume")
     if not os.path.isdir(out_dir):
-        check_creatable(out_dir)  # made with the first shard (a run that stops before leaves nothing), so check now
+        check_creatable(out_dir)  # now: the folder itself is made with the first shard (see flush)
     config = cache_config(dataset, vae_name, dtype, module_digest(vae))
     device = torch.device(device)
     if device.type == "cuda":  # encoded in bf16 (see volume_encoder)
